@@ -1,0 +1,327 @@
+"""Latency of a model on a target, measured by a protocol whose numbers can be trusted.
+
+Protocol (inference mode, the target's threads/device/dtype/backend, garbage collector paused):
+
+1. A first call, untimed for statistics: lazy initialisation, and compilation for ``backend=compile``
+   (if ``torch.compile`` fails the model is measured eager and the reason is recorded).
+2. Warm-up until timings settle: the median of the last 3 runs no longer drops by more than 2 %
+   from the 3 before, bounded by ``MAX_WARMUP`` runs and half of ``time_budget_s``.
+3. Repeats until the median is known to ``rel_precision``: the 95 % order-statistics confidence
+   interval of the median (distribution-free) has a relative half-width ≤ ``rel_precision``; or the
+   time budget ends (never fewer than ``MIN_REPEATS``).
+
+Each forward pass is timed on its own: ``perf_counter_ns`` on CPU, CUDA events followed by a
+synchronisation on GPU, so queued kernels never leak into the next sample.
+
+Timeouts: the deadline is checked after every forward pass, so a slow model stops soon after it
+passes ``timeout_s``; a thread cannot be killed, so a forward pass that truly hangs can only be
+stopped by measuring in another process: ``measure_in_subprocess``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import functools
+import gc
+import math
+import multiprocessing
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from nas.errors import UserError
+from nas.hardware.target import Target
+
+MIN_REPEATS = 10
+MAX_REPEATS = 10_000
+MAX_WARMUP = 50
+SETTLE_WINDOW = 3
+SETTLE_DROP = 0.02
+_Z95 = 1.959964
+_STARTUP_TIMEOUT_S = 120.0
+
+
+class MeasureTimeout(Exception):
+    """The measurement ran past its ``timeout_s``."""
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Statistics of the timed repeats, in milliseconds per forward pass of one batch."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    mean_ms: float
+    std_ms: float
+    cv: float
+    repeats: int
+    warmup: int
+    ci_rel: float  # relative half-width of the 95 % confidence interval of the median
+    backend: str  # the backend actually measured
+    fallback: str | None = None  # why torch.compile was not used, when it was asked for
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class MeasureResult:
+    """A measurement that may have failed: the caller records the reason and keeps going."""
+
+    ok: bool
+    latency: Latency | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MeasureResult:
+        latency = data.get("latency")
+        return cls(ok=data["ok"], latency=Latency(**latency) if latency else None, error=data.get("error"))
+
+
+def measure(
+    model: nn.Module,
+    target: Target,
+    *,
+    input_shape: tuple[int, ...] | None = None,
+    time_budget_s: float = 10.0,
+    rel_precision: float = 0.01,
+    timeout_s: float = 300.0,
+) -> Latency:
+    """Measure ``model`` on ``target`` (see the module docstring); raises if the model fails.
+
+    The model is put in eval mode (its training mode is restored afterwards) and moved to the
+    target's device and dtype in place. ``input_shape`` defaults to ``target.input_shape`` of the
+    model's timm ``pretrained_cfg["input_size"]``, or of ``target.resolution`` when it is set.
+    ``time_budget_s`` bounds warm-up and repeats; ``timeout_s`` bounds everything, compilation too.
+    """
+    shape = input_shape or _input_shape(model, target)
+    timer = _Timer(target.torch_device, timeout_s)
+    was_training = model.training
+    device_scope = torch.cuda.device(target.torch_device) if timer.cuda else contextlib.nullcontext()
+    try:
+        with _num_threads(target.threads), device_scope, torch.inference_mode(), _gc_paused():
+            model.eval().to(target.torch_device, target.torch_dtype)
+            x = torch.randn(shape, device=target.torch_device, dtype=target.torch_dtype)
+            forward, backend, fallback = _first_call(model, x, target.backend, timer)
+            warm = _warm_up(forward, timer, time_budget_s / 2)
+            samples = _repeat(forward, timer, time_budget_s - sum(warm) / 1e3, rel_precision)
+    finally:
+        model.train(was_training)
+    return _latency(samples, warmup=1 + len(warm), backend=backend, fallback=fallback)
+
+
+def measure_safely(model: nn.Module, target: Target, **kwargs) -> MeasureResult:
+    """``measure``, with a failure (out of memory, an exception, a timeout) returned as its reason.
+
+    The reason starts with its kind: ``timeout: ...``, ``out of memory: ...`` or the exception's
+    type. A ``UserError`` (a bad target or input shape) is not the candidate's fault and propagates.
+    """
+    try:
+        return MeasureResult(ok=True, latency=measure(model, target, **kwargs))
+    except UserError:
+        raise
+    except MeasureTimeout as err:
+        error = str(err)
+    except (torch.cuda.OutOfMemoryError, MemoryError) as err:
+        error = f"out of memory: {_one_line(err)}"
+    except Exception as err:
+        error = f"{type(err).__name__}: {_one_line(err)}"
+    if target.torch_device.type == "cuda":
+        torch.cuda.empty_cache()  # here, after the traceback that held the activations is gone
+    return MeasureResult(ok=False, error=error)
+
+
+def measure_in_subprocess(
+    model_factory: Callable[[], nn.Module], target: Target, *, timeout_s: float = 300.0, **kwargs
+) -> MeasureResult:
+    """``measure_safely`` in a fresh spawned process, killed if it outlives ``timeout_s``.
+
+    The hard timeout for forward passes that hang (or crash the process). ``model_factory`` builds
+    the model in the child, so it must be picklable: a module-level function or a
+    ``functools.partial`` of one. The timeout starts once the child has imported everything.
+    """
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(
+        target=_measure_child, args=(sender, model_factory, target, timeout_s, kwargs), daemon=True
+    )
+    child.start()
+    sender.close()
+    try:
+        for limit, what in ((_STARTUP_TIMEOUT_S, "start"), (timeout_s, "finish")):
+            if not receiver.poll(limit):
+                return MeasureResult(ok=False, error=f"timeout: measuring process did not {what} within {limit:g} s")
+            message = receiver.recv()
+        return message
+    except EOFError:
+        child.join()
+        return MeasureResult(ok=False, error=f"crashed: measuring process exited with code {child.exitcode}")
+    finally:
+        child.kill()
+        child.join()
+        receiver.close()
+
+
+def _measure_child(sender, model_factory, target: Target, timeout_s: float, kwargs: dict) -> None:
+    sender.send("started")
+    sender.send(measure_safely(model_factory(), target, timeout_s=timeout_s, **kwargs))
+
+
+class _Timer:
+    """Times one forward pass at a time, and ends the measurement once the deadline has passed."""
+
+    def __init__(self, device: torch.device, timeout_s: float):
+        self.cuda = device.type == "cuda"
+        self._timeout_s = timeout_s
+        self._deadline = time.monotonic() + timeout_s
+        self._passes = 0
+
+    def __call__(self, forward: Callable[[], object]) -> float:
+        ms = _time_cuda(forward) if self.cuda else _time_cpu(forward)
+        self._passes += 1
+        if time.monotonic() > self._deadline:
+            raise MeasureTimeout(
+                f"timeout: measurement ran past {self._timeout_s:g} s ({self._passes} forward passes done)"
+            )
+        return ms
+
+
+def _time_cpu(forward: Callable[[], object]) -> float:
+    start = time.perf_counter_ns()
+    forward()
+    return (time.perf_counter_ns() - start) / 1e6
+
+
+def _time_cuda(forward: Callable[[], object]) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    forward()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def _first_call(
+    model: nn.Module, x: torch.Tensor, backend: str, timer: _Timer
+) -> tuple[Callable[[], object], str, str | None]:
+    """Run the first (untimed) pass; returns the forward to measure, its backend and any fallback."""
+    fallback = None
+    if backend == "compile":
+        try:
+            compiled = functools.partial(torch.compile(model), x)
+            timer(compiled)  # compiles
+            return compiled, "compile", None
+        except MeasureTimeout:
+            raise
+        except Exception as err:
+            fallback = f"torch.compile failed, measured eager: {type(err).__name__}: {_one_line(err)}"
+    eager = functools.partial(model, x)
+    timer(eager)
+    return eager, "eager", fallback
+
+
+def _warm_up(forward: Callable[[], object], timer: _Timer, budget_s: float) -> list[float]:
+    """Run until the timings settle (see ``settled``), ``MAX_WARMUP`` runs or ``budget_s``."""
+    times: list[float] = []
+    while len(times) < MAX_WARMUP and sum(times) < budget_s * 1e3 and not settled(times):
+        times.append(timer(forward))
+    return times
+
+
+def settled(times: list[float]) -> bool:
+    """Whether the median of the last window no longer drops by more than SETTLE_DROP."""
+    if len(times) < 2 * SETTLE_WINDOW:
+        return False
+    last = np.median(times[-SETTLE_WINDOW:])
+    before = np.median(times[-2 * SETTLE_WINDOW : -SETTLE_WINDOW])
+    return bool(last >= (1 - SETTLE_DROP) * before)
+
+
+def _repeat(forward: Callable[[], object], timer: _Timer, budget_s: float, rel_precision: float) -> list[float]:
+    """Timed samples (kept sorted) until the median is precise enough or the budget ends."""
+    samples: list[float] = []
+    end = time.monotonic() + budget_s
+    while len(samples) < MAX_REPEATS:
+        bisect.insort(samples, timer(forward))
+        if len(samples) >= MIN_REPEATS and (
+            median_ci_rel(samples) <= rel_precision or time.monotonic() >= end
+        ):
+            break
+    return samples
+
+
+def median_ci_rel(sorted_samples: list[float]) -> float:
+    """Relative half-width of the distribution-free 95 % confidence interval of the median.
+
+    The interval runs between the order statistics of ranks floor((n - z√n)/2) and
+    ceil(1 + (n + z√n)/2) (1-based; the normal approximation to the binomial), clamped to the data.
+    """
+    n = len(sorted_samples)
+    spread = _Z95 * math.sqrt(n)
+    low = max(math.floor((n - spread) / 2) - 1, 0)
+    high = min(math.ceil(1 + (n + spread) / 2) - 1, n - 1)
+    median = float(np.median(sorted_samples))
+    return (sorted_samples[high] - sorted_samples[low]) / (2 * median)
+
+
+def _latency(samples: list[float], *, warmup: int, backend: str, fallback: str | None) -> Latency:
+    values = np.asarray(samples)
+    mean, std = float(values.mean()), float(values.std(ddof=1))
+    p10, median, p90 = (float(v) for v in np.percentile(values, [10, 50, 90]))
+    return Latency(
+        median_ms=median, p10_ms=p10, p90_ms=p90, mean_ms=mean, std_ms=std, cv=std / mean,
+        repeats=len(samples), warmup=warmup, ci_rel=median_ci_rel(samples), backend=backend,
+        fallback=fallback,
+    )
+
+
+def _input_shape(model: nn.Module, target: Target) -> tuple[int, int, int, int]:
+    """NCHW from the target's resolution, else from the model's timm ``pretrained_cfg``."""
+    input_size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    if input_size:
+        return target.input_shape(input_size[-1], channels=input_size[0])
+    if target.resolution is None:
+        raise UserError(
+            f"target {target} has no resolution and the model declares no input size: "
+            "set resolution= in the target or pass input_shape"
+        )
+    return target.input_shape(target.resolution)
+
+
+@contextlib.contextmanager
+def _num_threads(threads: int | None) -> Iterator[None]:
+    """Use ``threads`` intra-op threads (None: leave as is) and restore the count, even on errors."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Collect once, then keep the garbage collector's pauses out of the timings."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _one_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return (lines[0] if lines else repr(err))[:300]

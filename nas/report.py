@@ -1,0 +1,75 @@
+"""Plain-text tables for the terminal (spaces, architectures, metrics)."""
+
+from __future__ import annotations
+
+from nas.arch import ArchConfig, TimmArch
+
+
+def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """Left-aligned text table; numbers right-aligned."""
+    if not rows:
+        return "(none)"
+    columns = columns or list(rows[0])
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    numeric = [all(isinstance(r.get(c), (int, float)) for r in rows) for c in columns]
+
+    def line(values):
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(row) for row in cells)])
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def format_arch(arch: ArchConfig | TimmArch) -> str:
+    """One row per stage: tokens through the stage, dims, cells and reduction."""
+    if isinstance(arch, TimmArch):
+        return f"{arch.model} @ {arch.image_size}px, schedule {arch.schedule}"
+    rows = []
+    for i, (st, trace) in enumerate(zip(arch.stages, arch.token_trace())):
+        red = st.reduction
+        detail = {"tome": f"r={list(red.r)}", "evit": f"keep={red.keep_rate} at {list(red.at)}",
+                  "cluster": f"{red.method} keep={red.keep_rate} at {list(red.at)}"}.get(red.kind, "")
+        rows.append({
+            "stage": i,
+            "pool": st.pool or "patch",
+            "tokens": "->".join(map(str, [st.tokens, *trace])),
+            "dim": st.dim,
+            "heads": st.heads,
+            "mlp": st.mlp_ratio,
+            "attention": st.attention,
+            "cells": " ".join(st.cells),
+            "reduction": f"{red.kind} {detail}".strip(),
+        })
+    head = f"{arch.image_size}px, patch {arch.patch_size}, {arch.num_classes} classes, hash {arch.arch_hash()}"
+    return head + "\n" + format_table(rows)
+
+
+def format_space(space, largest, smallest) -> str:
+    lines = [f"space {space.name} ({space.family}) from {space.source}"]
+    if space.spec.description:
+        lines.append(space.spec.description)
+    lines.append(f"members: {space.count():,}")
+    lines.append("")
+    lines.append("choices:")
+    spec = space.describe()
+    if space.family == "psvit":
+        lines.append(f"  image {spec['image_size']}px, patch {spec['patch_size']}, {spec['num_classes']} classes")
+        for i, st in enumerate(spec["stages"]):
+            lines.append(f"  stage {i}:")
+            for key, value in st.items():
+                lines.append(f"    {key:<10} {value}")
+    else:
+        for key, value in spec.items():
+            lines.append(f"  {key:<12} {value}")
+    lines += ["", "largest:", format_arch(largest), "", "smallest:", format_arch(smallest)]
+    return "\n".join(lines)
