@@ -18,7 +18,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
@@ -79,8 +79,10 @@ class Reduction(_Frozen):
                 raise ValueError(f"{self.kind} takes keep_rate and at, not r")
             if self.keep_rate is None or not 0 < self.keep_rate <= 1:
                 raise ValueError(f"{self.kind} keep_rate must be in (0, 1], got {self.keep_rate}")
-            if list(self.at) != sorted(set(self.at)):
-                raise ValueError(f"{self.kind} at must be increasing cell indices, got {list(self.at)}")
+            if list(self.at) != sorted(set(self.at)) or any(j < 0 for j in self.at):
+                raise ValueError(
+                    f"{self.kind} at must be increasing cell indices (>= 0), got {list(self.at)}"
+                )
         elif self.r or self.at or self.keep_rate is not None:
             raise ValueError("reduction kind none takes no r, keep_rate or at")
         return self
@@ -134,7 +136,28 @@ class StageConfig(_Frozen):
         return sum(c != "identity" for c in self.cells)
 
 
-class ArchConfig(_Frozen):
+class _Serialisable(_Frozen):
+    """YAML/JSON/flat forms and the stable hash, shared by both architecture families."""
+
+    def to_dict(self) -> dict:
+        return _plain(self.model_dump(mode="json"))
+
+    def flatten(self) -> dict[str, str | int | float]:
+        """Flat ``stages.0.dim``-style keys (lists joined by commas, None as "null"), for MLflow params and tables."""
+        return _flatten(self.to_dict())
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def arch_hash(self) -> str:
+        """16 hex digits of SHA-256 over canonical JSON: equal across processes and key orders."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+
+class ArchConfig(_Serialisable):
     """A PSViT-style architecture: patch embedding, stages of cells, class-token head."""
 
     family: Literal["psvit"] = "psvit"
@@ -158,22 +181,6 @@ class ArchConfig(_Frozen):
     def token_trace(self) -> list[list[int]]:
         return [s.token_trace() for s in self.stages]
 
-    # -- serialisation -------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        return _plain(self.model_dump(mode="json"))
-
-    def flatten(self) -> dict[str, str | int | float]:
-        """Flat ``stage0.dim``-style keys, for MLflow params and tables."""
-        return _flatten(self.to_dict())
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    def arch_hash(self) -> str:
-        return arch_hash(self)
 
 
 def arch_problems(arch: ArchConfig) -> list[str]:
@@ -200,14 +207,22 @@ def arch_problems(arch: ArchConfig) -> list[str]:
             if st.pool is None:
                 problems.append(f"{where}: pool is required between stages")
             if st.tokens > prev_exit:
-                problems.append(f"{where}: tokens {st.tokens} > {prev_exit} leaving the stage before (tokens never grow)")
+                problems.append(
+                    f"{where}: tokens {st.tokens} > {prev_exit} leaving the stage before (tokens never grow)"
+                )
             if st.pool == "conv2d":
                 if not grid:
-                    problems.append(f"{where}: conv2d pooling needs a token grid, but the stage before reduced or reordered its tokens")
+                    problems.append(
+                        f"{where}: conv2d pooling needs a token grid, but the stage before reduced or reordered its tokens"
+                    )
                 elif not (is_square(prev_exit - 1) and is_square(st.tokens - 1)):
-                    problems.append(f"{where}: conv2d pooling needs square grids, got {prev_exit - 1} -> {st.tokens - 1} tokens")
+                    problems.append(
+                        f"{where}: conv2d pooling needs square grids, got {prev_exit - 1} -> {st.tokens - 1} tokens"
+                    )
         problems += _cell_problems(where, st)
-        grid = (i == 0 or st.pool == "conv2d") and all(not st.reduction.reduces_at(j) for j in range(len(st.cells)))
+        grid = (i == 0 or st.pool == "conv2d") and all(
+            not st.reduction.reduces_at(j) for j in range(len(st.cells))
+        )
         prev_exit = st.exit_tokens
     return problems
 
@@ -217,29 +232,40 @@ def _cell_problems(where: str, st: StageConfig) -> list[str]:
     if red.kind == "tome" and len(red.r) != len(st.cells):
         problems.append(f"{where}.reduction.r: {len(red.r)} entries for {len(st.cells)} cells")
     if red.kind == "evit" and st.attention != "softmax":
-        problems.append(f"{where}.reduction: evit ranks tokens by softmax class attention; attention is {st.attention}")
+        problems.append(
+            f"{where}.reduction: evit ranks tokens by softmax class attention; attention is {st.attention}"
+        )
     if any(j >= len(st.cells) for j in red.at):
-        problems.append(f"{where}.reduction.at: {list(red.at)} names cells beyond the {len(st.cells)} there are")
+        problems.append(
+            f"{where}.reduction.at: {list(red.at)} names cells beyond the {len(st.cells)} there are"
+        )
     n, source = st.tokens, None  # source: index of the cell whose attention map a share cell would reuse
     for j, cell in enumerate(st.cells):
         if cell == "share":
             if st.attention != "softmax":
-                problems.append(f"{where}.cells[{j}]: share reuses an attention map; linear attention has none")
+                problems.append(
+                    f"{where}.cells[{j}]: share reuses an attention map; linear attention has none"
+                )
             elif source is None:
-                problems.append(f"{where}.cells[{j}]: share has no earlier cell in the stage whose map it could reuse")
+                problems.append(
+                    f"{where}.cells[{j}]: share has no earlier cell in the stage whose map it could reuse"
+                )
         if red.reduces_at(j) and (cell != "basic" if red.kind != "cluster" else cell == "identity"):
             problems.append(f"{where}.reduction: cell {j} is {cell} and cannot reduce tokens")
         if cell == "identity":
             continue
         if red.kind == "tome" and j < len(red.r) and red.r[j] > tome_max_r(n - 1):
-            problems.append(f"{where}.reduction.r[{j}]: {red.r[j]} merges > {tome_max_r(n - 1)} possible with {n} tokens")
+            problems.append(
+                f"{where}.reduction.r[{j}]: {red.r[j]} merges > {tome_max_r(n - 1)} possible with {n} tokens"
+            )
         n_after = red.tokens_after(j, n)
-        source = None if n_after != n else j
+        # a reducing cell re-ranks, fuses or merges tokens even where the count stays: no map to reuse
+        source = None if n_after != n or red.reduces_at(j) else j
         n = n_after
     return problems
 
 
-class TimmArch(_Frozen):
+class TimmArch(_Serialisable):
     """A timm ViT with a token-reduction schedule, as ``nas.ops.timm_patch.apply`` takes it."""
 
     family: Literal["timm"] = "timm"
@@ -248,29 +274,14 @@ class TimmArch(_Frozen):
     num_classes: int = Field(default=1000, gt=1)
     schedule: dict = Field(default_factory=lambda: {"kind": "none"})
 
-    def to_dict(self) -> dict:
-        return _plain(self.model_dump(mode="json"))
 
-    def flatten(self) -> dict[str, str | int | float]:
-        return _flatten(self.to_dict())
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    def arch_hash(self) -> str:
-        return arch_hash(self)
-
-
-AnyArch = Annotated[Union[ArchConfig, TimmArch], Field(discriminator="family")]
+AnyArch = Annotated[ArchConfig | TimmArch, Field(discriminator="family")]
 _ANY = TypeAdapter(AnyArch)
 
 
 def arch_hash(arch: ArchConfig | TimmArch) -> str:
-    """16 hex digits of SHA-256 over canonical JSON: equal across processes and key orders."""
-    return hashlib.sha256(arch.to_json().encode()).hexdigest()[:16]
+    """The architecture's stable hash (the functional form of ``arch.arch_hash()``)."""
+    return arch.arch_hash()
 
 
 def arch_from_dict(data: dict, source: str = "architecture") -> ArchConfig | TimmArch:
@@ -292,18 +303,28 @@ def load_arch(path: str | Path) -> ArchConfig | TimmArch:
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise UserError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}".replace("\n", " ")) from None
+        raise UserError(
+            f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}".replace("\n", " ")
+        ) from None
     return arch_from_dict(data, str(path))
 
 
 def arch_from_text(text: str, source: str = "architecture") -> ArchConfig | TimmArch:
-    return arch_from_dict(yaml.safe_load(text), source)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise UserError(f"{source}: not valid YAML: {' '.join(str(err).split())}") from None
+    return arch_from_dict(data, source)
 
 
 def format_validation_error(err: ValidationError) -> str:
     """One line per pydantic error, joined: ``field.path: message (got value)``."""
-    parts = []
-    for e in err.errors(include_url=False):
+    parts, errors = [], err.errors(include_url=False)
+    for e in errors:
+        if e["type"] == "too_short" and any(
+            o["loc"][: len(e["loc"])] == e["loc"] and o is not e for o in errors
+        ):
+            continue  # "at least 1 item after validation, not 0": only because an item below failed
         loc = ".".join(_loc(p) for p in e["loc"] if p not in ("psvit", "timm")).replace(".[", "[")
         msg = e["msg"].removeprefix("Value error, ")
         got = "" if e["type"] in ("value_error", "missing") else f" (got {e.get('input')!r})"

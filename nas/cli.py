@@ -22,6 +22,7 @@ Every command takes --help. Spaces are YAML files; the shipped ones can be named
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_libraries()
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
@@ -33,6 +34,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vitnas: interrupted", file=sys.stderr)
         return 130
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (MLflow's database set-up, deprecation notices) is not for the user."""
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +114,413 @@ def _space_list(_args) -> int:
     return 0
 
 
-COMMANDS: list[Callable] = [_space_commands]
+# -- vitnas search / pareto -----------------------------------------------------------------------
+def _search_command(sub) -> None:
+    p = sub.add_parser(
+        "search",
+        help="run (or resume) a search campaign",
+        description=(
+            "Multi-objective search (max validation accuracy with inherited weights, min latency measured "
+            "on the target). Running the same command again resumes the campaign: finished trials are kept."
+        ),
+        epilog="example:\n  vitnas search --space psvit-digits --supernet vitnas-runs/supernet/psvit-digits/supernet.safetensors \\\n"
+        "      --target cpu:threads=2 --trials 60 --campaign digits-cpu --latency-budget-ms 2",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--space", required=True, help="search-space YAML file or shipped space name")
+    p.add_argument("--supernet", help="supernet checkpoint (.safetensors) for psvit spaces")
+    p.add_argument(
+        "--target",
+        default="cpu:threads=2",
+        help="where latency is measured, e.g. cpu:threads=2,batch=1 (default %(default)s)",
+    )
+    p.add_argument(
+        "--trials",
+        type=int,
+        default=60,
+        help="finished trials the campaign should have (default %(default)s)",
+    )
+    p.add_argument(
+        "--campaign", required=True, help="campaign name: the Optuna study and the MLflow parent run"
+    )
+    p.add_argument("--sampler", default="nsga2", help="nsga2 (default), nsga3, tpe or random")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed (default %(default)s)")
+    p.add_argument(
+        "--latency-budget-ms", type=float, help="latency budget, an Optuna constraint (<= is feasible)"
+    )
+    p.add_argument(
+        "--workspace", default="vitnas-runs", help="where everything is written (default %(default)s)"
+    )
+    p.add_argument(
+        "--storage", help="Optuna storage URL (default: sqlite file in the workspace; PostgreSQL works)"
+    )
+    p.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: sqlite file in the workspace; or http://server)"
+    )
+    p.add_argument("--cache-url", help="latency cache SQLAlchemy URL (default: sqlite file in the workspace)")
+    p.add_argument(
+        "--predictor",
+        help="latency table from `vitnas latency-table build`: measure only promising candidates",
+    )
+    p.add_argument("--data", help="data spec for validation (default: the supernet's)")
+    p.add_argument(
+        "--measure-budget-s",
+        type=float,
+        default=2.0,
+        help="time budget per latency measurement (default %(default)s)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    ray = p.add_argument_group("Ray cluster (--backend ray; see docs/cluster.md)")
+    ray.add_argument(
+        "--backend", choices=("local", "ray"), default="local", help="local Optuna loop (default) or Ray Tune"
+    )
+    ray.add_argument(
+        "--address", help="Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: a local Ray)"
+    )
+    ray.add_argument(
+        "--max-concurrent", type=int, default=1, help="trials running at once (default %(default)s)"
+    )
+    ray.add_argument(
+        "--target-resource",
+        help="Ray custom resource of the target's nodes, NAME=AMOUNT (e.g. hw_xeon=1): trials run only there",
+    )
+    p.set_defaults(run=_search)
+
+
+def _search(args) -> int:
+    from nas.search.campaign import CampaignConfig, run_campaign, scorer_for
+    from nas.space import load_space
+
+    if args.trials < 1:
+        raise UserError(f"--trials {args.trials}: must be at least 1")
+    space = load_space(args.space)
+    config = CampaignConfig(
+        name=args.campaign,
+        space=space.source,
+        target=args.target,
+        trials=args.trials,
+        workspace=args.workspace,
+        supernet=args.supernet,
+        sampler=args.sampler,
+        seed=args.seed,
+        latency_budget_ms=args.latency_budget_ms,
+        storage=args.storage,
+        tracking_uri=args.tracking_uri,
+        cache_url=args.cache_url,
+        predictor=args.predictor,
+        data=args.data,
+        measure_budget_s=args.measure_budget_s,
+    ).resolved()
+    scorer = scorer_for(config, space)
+    if args.backend == "ray":
+        from nas.search.ray_backend import RayOptions, parse_resource, run_ray_campaign
+
+        if args.max_concurrent < 1:
+            raise UserError(f"--max-concurrent {args.max_concurrent}: must be at least 1")
+        resource = parse_resource(args.target_resource) if args.target_resource else {}
+        options = RayOptions(
+            address=args.address, max_concurrent=args.max_concurrent, target_resource=resource
+        )
+        result = run_ray_campaign(config, space, scorer, options, progress=not args.quiet)
+    else:
+        result = run_campaign(config, space, scorer, progress=not args.quiet)
+    from nas.report import format_front
+
+    print(
+        f"campaign {result.name}: {result.finished} finished, {result.failed} failed, {result.ran_now} run now"
+    )
+    print(format_front(result.front, config.latency_budget_ms))
+    print(f'MLflow: {result.tracking_uri} (parent run {result.parent_run_id}; filter tags.pareto = "true")')
+    return 0
+
+
+def _pareto_command(sub) -> None:
+    p = sub.add_parser(
+        "pareto",
+        help="print a campaign's Pareto front",
+        description="Print the accuracy/latency front of a campaign, read from MLflow.",
+    )
+    p.add_argument("--campaign", required=True)
+    p.add_argument(
+        "--workspace", default="vitnas-runs", help="default tracking store location (default %(default)s)"
+    )
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the workspace's sqlite file)")
+    p.add_argument("--latency-budget-ms", type=float, help="mark the best trial under this budget")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=_pareto)
+
+
+def _pareto(args) -> int:
+    from nas.report import format_front
+    from nas.tracking import Campaign, default_tracking_uri
+
+    uri = args.tracking_uri or default_tracking_uri(args.workspace)
+    campaign = Campaign(uri, args.campaign)
+    if not campaign.exists():
+        raise UserError(f"campaign {args.campaign!r}: not found in {uri}")
+    rows = campaign.front_rows(budget_ms=args.latency_budget_ms)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        print(format_front(rows, args.latency_budget_ms))
+    return 0
+
+
+# -- vitnas export / train / demo -----------------------------------------------------------------
+def _export_command(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a trial to training: arch.yaml, weights.safetensors, train.yaml",
+        description="Write a searched architecture, its inherited weights and a training recipe into a folder.",
+        epilog="examples:\n  vitnas export --campaign demo-psvit-digits --trial 12 --out exported/\n"
+        "  vitnas export --run-id 3f2c... --out exported/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run-id", help="the trial's MLflow run id")
+    which.add_argument("--campaign", help="campaign name (with --trial)")
+    p.add_argument("--trial", type=int, help="trial number within the campaign")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--epochs", type=int, default=30, help="epochs in the written train.yaml (default %(default)s)"
+    )
+    p.add_argument(
+        "--workspace", default="vitnas-runs", help="default tracking store location (default %(default)s)"
+    )
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the workspace's sqlite file)")
+    p.set_defaults(run=_export)
+
+
+def _export(args) -> int:
+    from nas.export import export_trial
+    from nas.tracking import default_tracking_uri
+
+    if args.campaign and args.trial is None:
+        raise UserError("--campaign needs --trial N")
+    result = export_trial(
+        args.tracking_uri or default_tracking_uri(args.workspace),
+        args.out,
+        run_id=args.run_id,
+        campaign=args.campaign,
+        trial=args.trial,
+        epochs=args.epochs,
+    )
+    print(
+        f"exported arch {result.arch_hash} (run {result.run_id}) to {result.out}: {', '.join(result.files)}"
+    )
+    print(f"train it:  vitnas train {result.out / 'train.yaml'}")
+    return 0
+
+
+def _train_command(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train an exported architecture from its train.yaml",
+        description="Train (or fine-tune) an exported architecture; reports test accuracy, logs to MLflow.",
+    )
+    p.add_argument("recipe", help="train.yaml written by vitnas export")
+    p.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_train)
+
+
+def _train(args) -> int:
+    from nas.train import train_from_recipe
+
+    outcome = train_from_recipe(args.recipe, epochs=args.epochs, progress=not args.quiet)
+    print(
+        f"test accuracy {outcome.test_accuracy:.4f} (validation {outcome.val_accuracy:.4f}); weights {outcome.weights}"
+    )
+    if outcome.run_id:
+        print(f"MLflow run {outcome.run_id}")
+    return 0
+
+
+def _demo_command(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the whole pipeline on the embedded digits data (what `make demo` runs)",
+        description="Train a supernet on scikit-learn's digits, search, tag the Pareto front, export the most "
+        "accurate architecture under the latency budget and retrain it briefly. Re-running continues.",
+    )
+    p.add_argument("--workspace", help="where everything is written (default vitnas-runs)")
+    p.add_argument("--target", help="latency target (default cpu:threads=2,batch=1)")
+    p.add_argument("--trials", type=int, help="search trials (default 60)")
+    p.add_argument(
+        "--supernet-epochs", type=int, help="supernet training epochs (default: the trainer's default)"
+    )
+    p.add_argument("--retrain-epochs", type=int, help="epochs of the final short retrain (default 3)")
+    p.add_argument(
+        "--latency-budget-ms",
+        type=float,
+        help="default: between the smallest and largest member's latency here",
+    )
+    p.add_argument("--sampler", help="search sampler (default nsga2)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_demo)
+
+
+def _demo(args) -> int:
+    from nas.demo import DemoConfig, run_demo
+
+    given = {k: v for k, v in vars(args).items() if k in DemoConfig.__dataclass_fields__ and v is not None}
+    run_demo(DemoConfig(**given, progress=not args.quiet))
+    return 0
+
+
+# -- vitnas profile / latency-table ---------------------------------------------------------------
+def _profile_command(sub) -> None:
+    from nas.hardware.profile import REDUCE_HELP
+
+    p = sub.add_parser(
+        "profile",
+        help="params, GFLOPs and measured latency of one model",
+        description="Parameters and GFLOPs (batch 1) and latency measured on the target of an architecture "
+        "file or a timm model (built with pretrained=False: nothing downloads).",
+        epilog=f"--reduce grammar (timm models):\n{REDUCE_HELP}\n\nexamples:\n"
+        "  vitnas profile --arch arch.yaml --target cpu:threads=2,batch=1\n"
+        "  vitnas profile --timm deit_small_patch16_224 --reduce tome:r=8 --json\n"
+        "  vitnas profile --timm deit_small_patch16_224 --reduce evit:keep=0.7,layers=3/6/9 --no-latency",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--arch", help="architecture file (arch.yaml or .json, psvit or timm family)")
+    which.add_argument("--timm", metavar="NAME", help="a timm model name, e.g. deit_tiny_patch16_224")
+    p.add_argument(
+        "--reduce", metavar="SPEC", help="token reduction for a timm model, e.g. tome:r=8 (grammar below)"
+    )
+    p.add_argument(
+        "--target", default="cpu:threads=2,batch=1", help="where latency is measured (default %(default)s)"
+    )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=3.0,
+        help="time budget of the latency measurement (default %(default)s)",
+    )
+    p.add_argument("--no-latency", action="store_true", help="FLOPs and params only, measure nothing")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=_profile)
+
+
+def _profile(args) -> int:
+    from nas.hardware.profile import load_model, parse_reduce, profile
+    from nas.hardware.target import Target
+
+    if args.reduce:
+        parse_reduce(args.reduce)  # a bad spec fails before any model is built
+    target = None if args.no_latency else Target.parse(args.target)
+    model = load_model(arch=args.arch, timm_name=args.timm, reduce=args.reduce)
+    result = profile(model, target, time_budget_s=args.budget_s)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        from nas.report import format_table
+
+        print(format_table([result.row()]))
+    return 0
+
+
+def _latency_table_command(sub) -> None:
+    from nas.hardware import latency_table as lt_defaults
+
+    lt = sub.add_parser(
+        "latency-table",
+        help="build a per-target latency predictor table",
+        description="Latency lookup tables for the latency predictor.",
+    )
+    lt_sub = lt.add_subparsers(title="latency-table commands", metavar="SUBCOMMAND")
+    b = lt_sub.add_parser(
+        "build",
+        help="measure a space's parts on the target into a table (resumable)",
+        description="Measure every part a space's subnets run (stem, cells with their token reduction, pooling, "
+        "head) over a grid of token counts on the target, then fit the overhead on a few whole subnets. "
+        "Interrupted builds resume: measurements already in the table file are kept.",
+        epilog="example:\n  vitnas latency-table build --space psvit-digits --target cpu:threads=2,batch=1\n"
+        "then: vitnas search ... --predictor TABLE",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    b.add_argument("--space", required=True, help="search-space YAML file or shipped space name")
+    b.add_argument("--target", default="cpu:threads=2,batch=1", help="where parts are measured (default %(default)s)")
+    b.add_argument("--out", help="table file (default: WORKSPACE/latency-tables/SPACE-FINGERPRINT-TARGET.json)")
+    b.add_argument("--workspace", default="vitnas-runs", help="default location of the table (default %(default)s)")
+    b.add_argument("--force", action="store_true", help="start afresh, replacing any table at --out")
+    b.add_argument("--passes", type=int, default=lt_defaults.PASSES, help="measurements per point, median kept (default %(default)s)")
+    b.add_argument("--budget-s", type=float, default=lt_defaults.PART_BUDGET_S, help="time budget per part measurement (default %(default)s)")
+    b.add_argument("--fit-subnets", type=int, default=lt_defaults.FIT_SUBNETS, help="whole subnets measured to fit the overhead (default %(default)s)")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(run=_latency_table_build)
+    lt.set_defaults(run=lambda _args: lt.print_help() or 2)
+
+
+def _latency_table_build(args) -> int:
+    from nas.hardware.latency_table import build_table, default_table_path
+    from nas.hardware.target import Target
+    from nas.space import load_space
+
+    if args.passes < 1 or args.fit_subnets < 0 or args.budget_s <= 0:
+        raise UserError("--passes must be >= 1, --fit-subnets >= 0 and --budget-s > 0")
+    space, target = load_space(args.space), Target.parse(args.target)
+    out = args.out or default_table_path(space, target, args.workspace)
+    report = build_table(
+        space, target, out, force=args.force, passes=args.passes, budget_s=args.budget_s,
+        fit_subnets=args.fit_subnets, progress=not args.quiet,
+    )  # fmt: skip
+    table, o = report.table, report.table.overhead
+    print(
+        f"latency table {report.path}: {len(table.parts)} parts, {sum(map(len, table.parts.values()))} points x "
+        f"{args.passes} passes ({report.measured_now} measured now, {report.reused} kept), fingerprint {table.digest}, "
+        f"{table.build_s:.0f} s in all"
+    )
+    print(
+        f"overhead fitted on {len(table.subnets)} subnets: {o.constant_ms:.4g} ms + {o.scale:.4g} x parts "
+        f"{o.per_part_ms:+.4g} ms per part; fit error {report.fit_mape:.1f}% MAPE"
+    )
+    return 0
+
+
+# -- vitnas dashboard -----------------------------------------------------------------------------
+def _dashboard_command(sub) -> None:
+    p = sub.add_parser(
+        "dashboard",
+        help="browse campaigns' Pareto fronts in a web browser (read-only, works offline)",
+        description="Serve the Pareto explorer: campaigns, accuracy against latency with the front, a "
+        "latency-budget slider, architectures drawn, fronts of several targets side by side. Reads MLflow only.",
+        epilog="example:\n  vitnas dashboard --tracking-uri sqlite:///$PWD/vitnas-runs/mlflow.db\n"
+        "then open http://127.0.0.1:8765/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the workspace's sqlite file)")
+    p.add_argument(
+        "--workspace", default="vitnas-runs", help="default tracking store location (default %(default)s)"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
+    p.add_argument("--port", type=int, default=8765, help="port (default %(default)s; 0: any free port)")
+    p.add_argument(
+        "--cache-ttl", type=float, default=30.0, help="seconds a campaign read from MLflow is reused (default %(default)s)"
+    )
+    p.set_defaults(run=_dashboard)
+
+
+def _dashboard(args) -> int:
+    from nas.dashboards.app import serve
+    from nas.tracking import default_tracking_uri
+
+    serve(args.tracking_uri or default_tracking_uri(args.workspace), args.host, args.port, args.cache_ttl)
+    return 0
+
+
+COMMANDS: list[Callable] = [
+    _space_commands,
+    _search_command,
+    _pareto_command,
+    _export_command,
+    _train_command,
+    _demo_command,
+    _profile_command,
+    _latency_table_command,
+    _dashboard_command,
+]
 
 
 if __name__ == "__main__":

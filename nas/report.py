@@ -15,7 +15,9 @@ def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
     numeric = [all(isinstance(r.get(c), (int, float)) for r in rows) for c in columns]
 
     def line(values):
-        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+        return "  ".join(
+            v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)
+        ).rstrip()
 
     return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(row) for row in cells)])
 
@@ -37,20 +39,27 @@ def format_arch(arch: ArchConfig | TimmArch) -> str:
     rows = []
     for i, (st, trace) in enumerate(zip(arch.stages, arch.token_trace())):
         red = st.reduction
-        detail = {"tome": f"r={list(red.r)}", "evit": f"keep={red.keep_rate} at {list(red.at)}",
-                  "cluster": f"{red.method} keep={red.keep_rate} at {list(red.at)}"}.get(red.kind, "")
-        rows.append({
-            "stage": i,
-            "pool": st.pool or "patch",
-            "tokens": "->".join(map(str, [st.tokens, *trace])),
-            "dim": st.dim,
-            "heads": st.heads,
-            "mlp": st.mlp_ratio,
-            "attention": st.attention,
-            "cells": " ".join(st.cells),
-            "reduction": f"{red.kind} {detail}".strip(),
-        })
-    head = f"{arch.image_size}px, patch {arch.patch_size}, {arch.num_classes} classes, hash {arch.arch_hash()}"
+        detail = {
+            "tome": f"r={list(red.r)}",
+            "evit": f"keep={red.keep_rate} at {list(red.at)}",
+            "cluster": f"{red.method} keep={red.keep_rate} at {list(red.at)}",
+        }.get(red.kind, "")
+        rows.append(
+            {
+                "stage": i,
+                "pool": st.pool or "patch",
+                "tokens": "->".join(map(str, [st.tokens, *trace])),
+                "dim": st.dim,
+                "heads": st.heads,
+                "mlp": st.mlp_ratio,
+                "attention": st.attention,
+                "cells": " ".join(st.cells),
+                "reduction": f"{red.kind} {detail}".strip(),
+            }
+        )
+    head = (
+        f"{arch.image_size}px, patch {arch.patch_size}, {arch.num_classes} classes, hash {arch.arch_hash()}"
+    )
     return head + "\n" + format_table(rows)
 
 
@@ -63,7 +72,9 @@ def format_space(space, largest, smallest) -> str:
     lines.append("choices:")
     spec = space.describe()
     if space.family == "psvit":
-        lines.append(f"  image {spec['image_size']}px, patch {spec['patch_size']}, {spec['num_classes']} classes")
+        lines.append(
+            f"  image {spec['image_size']}px, patch {spec['patch_size']}, {spec['num_classes']} classes"
+        )
         for i, st in enumerate(spec["stages"]):
             lines.append(f"  stage {i}:")
             for key, value in st.items():
@@ -73,3 +84,26 @@ def format_space(space, largest, smallest) -> str:
             lines.append(f"  {key:<12} {value}")
     lines += ["", "largest:", format_arch(largest), "", "smallest:", format_arch(smallest)]
     return "\n".join(lines)
+
+
+FRONT_COLUMNS = [
+    "trial_number",
+    "val_accuracy",
+    "latency_ms",
+    "latency_p90_ms",
+    "gflops",
+    "params_m",
+    "arch_hash",
+]
+
+
+def format_front(rows: list[dict], budget_ms: float | None = None) -> str:
+    """The Pareto front, fastest first; ``*`` marks the best trial under the budget."""
+    if not rows:
+        return "Pareto front: no finished trials"
+    shown = [
+        {"best": "*" if r.get("best_under_budget") else "", **{c: r.get(c) for c in FRONT_COLUMNS}}
+        for r in rows
+    ]
+    note = f" (* = most accurate within {budget_ms:g} ms)" if budget_ms is not None else ""
+    return f"Pareto front, {len(rows)} trials{note}:\n" + format_table(shown, ["best", *FRONT_COLUMNS])

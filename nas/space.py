@@ -15,14 +15,25 @@ architecture obeys the rules of ``nas.arch`` by construction:
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
+import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from nas.arch import (
     ArchConfig,
@@ -104,6 +115,20 @@ class ReductionChoices(_Strict):
 
     _unique = field_validator("kind", "method")(_unique_nonempty)
 
+    @field_validator("r", "keep_rate", "at")
+    @classmethod
+    def _no_repeats(cls, values: tuple) -> tuple:
+        if len(set(values)) != len(values):
+            raise ValueError(f"choices repeat: {list(values)}")
+        return values
+
+    @field_validator("at")
+    @classmethod
+    def _cell_indices(cls, at: tuple[int, ...]) -> tuple[int, ...]:
+        if any(j < 0 for j in at):
+            raise ValueError(f"cell indices must be >= 0, got {list(at)}")
+        return tuple(sorted(at))
+
     @model_validator(mode="after")
     def _params_present(self) -> ReductionChoices:
         if "tome" in self.kind and not self.r:
@@ -119,12 +144,12 @@ class ReductionChoices(_Strict):
 
 
 class StageChoices(_Strict):
-    tokens: tuple[int, ...] | None = None
-    dim: tuple[int, ...]
-    heads: tuple[int, ...]
-    mlp_ratio: tuple[float, ...] = (4.0,)
+    tokens: tuple[PositiveInt, ...] | None = None
+    dim: tuple[PositiveInt, ...]
+    heads: tuple[PositiveInt, ...]
+    mlp_ratio: tuple[PositiveFloat, ...] = (4.0,)
     attention: tuple[AttentionKind, ...] = ("softmax",)
-    depth: tuple[int, ...]
+    depth: tuple[PositiveInt, ...]
     cells: tuple[CellChoice, ...] = ("basic",)
     pool: tuple[PoolKind, ...] | None = None
     reduction: ReductionChoices = ReductionChoices()
@@ -137,11 +162,15 @@ class StageChoices(_Strict):
     def _consistent(self) -> StageChoices:
         for d, h in itertools.product(self.dim, self.heads):
             if d % h:
-                raise ValueError(f"heads {h} does not divide dim {d} (every heads choice must divide every dim choice)")
+                raise ValueError(
+                    f"heads {h} does not divide dim {d} (every heads choice must divide every dim choice)"
+                )
         if min(self.depth) < 1:
             raise ValueError(f"depth choices must be >= 1, got {list(self.depth)}")
         if any(j >= max(self.depth) for j in self.reduction.at):
-            raise ValueError(f"reduction.at {list(self.reduction.at)} names cells beyond max depth {max(self.depth)}")
+            raise ValueError(
+                f"reduction.at {list(self.reduction.at)} names cells beyond max depth {max(self.depth)}"
+            )
         softmax = "softmax" in self.attention
         if "share" in self.cells and not softmax:
             raise ValueError("cells choice share needs softmax attention among the attention choices")
@@ -195,9 +224,13 @@ class PsvitSpace(_Strict):
 
 def _check_conv2d(i: int, prev: StageChoices, st: StageChoices) -> None:
     if i > 1 and prev.pool != ("conv2d",):
-        raise ValueError(f"stages[{i}].pool conv2d needs a token grid: stages[{i - 1}].pool must be [conv2d] only")
+        raise ValueError(
+            f"stages[{i}].pool conv2d needs a token grid: stages[{i - 1}].pool must be [conv2d] only"
+        )
     if prev.reduction.kind != ("none",):
-        raise ValueError(f"stages[{i}].pool conv2d needs a token grid: stages[{i - 1}].reduction.kind must be [none]")
+        raise ValueError(
+            f"stages[{i}].pool conv2d needs a token grid: stages[{i - 1}].reduction.kind must be [none]"
+        )
     bad = [t for t in (*prev.tokens, *st.tokens) if not is_square(t - 1)]
     if bad:
         raise ValueError(f"stages[{i}].pool conv2d needs square grids: tokens {bad} are not a square + 1")
@@ -207,16 +240,46 @@ class TomeChoices(_Strict):
     r: tuple[int, ...]
     rule: tuple[TomeRule, ...] = ("constant",)
 
+    _unique = field_validator("r", "rule")(_unique_nonempty)
+
+    @field_validator("r")
+    @classmethod
+    def _positive(cls, r: tuple[int, ...]) -> tuple[int, ...]:
+        if any(v < 1 for v in r):
+            raise ValueError(f"r choices must be >= 1, got {list(r)}")
+        return r
+
 
 class EvitChoices(_Strict):
     keep_rate: tuple[float, ...]
     layers: tuple[tuple[int, ...], ...]
+
+    _unique = field_validator("keep_rate", "layers")(_unique_nonempty)
+
+    @field_validator("keep_rate")
+    @classmethod
+    def _rates(cls, keep_rate: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0 < k < 1 for k in keep_rate):
+            raise ValueError(f"keep_rate choices must be in (0, 1), got {list(keep_rate)}")
+        return keep_rate
+
+    @field_validator("layers")
+    @classmethod
+    def _increasing(cls, layers: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
+        for ls in layers:
+            if not ls or list(ls) != sorted(set(ls)):
+                raise ValueError(
+                    f"each layers choice must be a non-empty increasing list of blocks, got {list(ls)}"
+                )
+        return layers
 
 
 class TimmReductionChoices(_Strict):
     kind: tuple[Literal["none", "tome", "evit"], ...]
     tome: TomeChoices | None = None
     evit: EvitChoices | None = None
+
+    _unique = field_validator("kind")(_unique_nonempty)
 
     @model_validator(mode="after")
     def _params_present(self) -> TimmReductionChoices:
@@ -244,7 +307,9 @@ class TimmSpace(_Strict):
         if self.reduction.evit:
             for layers in self.reduction.evit.layers:
                 if any(not 0 <= b < self.depth for b in layers):
-                    raise ValueError(f"reduction.evit.layers {list(layers)} outside blocks 0..{self.depth - 1}")
+                    raise ValueError(
+                        f"reduction.evit.layers {list(layers)} outside blocks 0..{self.depth - 1}"
+                    )
         return self
 
 
@@ -296,6 +361,13 @@ class SearchSpace:
             return len(_timm_members(self.spec))
         return _psvit_count(self.spec)
 
+    def content_hash(self) -> str:
+        """16 hex digits over the validated choices: equal for equal spaces, whatever the file
+        (name and description left out, so a renamed copy of a space takes the same checkpoints)."""
+        content = self.spec.model_dump(mode="json", exclude={"name", "description"})
+        text = json.dumps(content, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
     def describe(self) -> dict[str, Any]:
         """The choices as plain data, for ``vitnas space show``."""
         return self.spec.model_dump(mode="json", exclude_none=True)
@@ -308,7 +380,9 @@ def load_space(path: str | Path) -> SearchSpace:
     if not path.is_file():
         shipped = shipped_space_path(str(path))
         if shipped is None:
-            raise UserError(f"{path}: no such search-space file (shipped spaces: {', '.join(shipped_spaces())})")
+            raise UserError(
+                f"{path}: no such search-space file (shipped spaces: {', '.join(shipped_spaces())})"
+            )
         path = shipped
     try:
         data = yaml.safe_load(path.read_text())
@@ -334,7 +408,8 @@ def shipped_spaces() -> list[str]:
 
 def shipped_space_path(name: str) -> Path | None:
     path = _searchspaces_dir() / (Path(name).stem + ".yaml")
-    return path if path.is_file() and Path(name).name in (path.stem, path.name) else None
+    # only a bare name (``psvit-digits`` or ``psvit-digits.yaml``): a path that does not exist is an error
+    return path if path.is_file() and name in (path.stem, path.name) else None
 
 
 def _searchspaces_dir() -> Path:
@@ -402,7 +477,7 @@ def _draw_structure(st: StageChoices, attention: str, tokens: int, floor: int, c
     ]
     cells += ["identity"] * (st.max_depth - depth)
     red = st.reduction
-    kinds = [k for k in red.kind if not (linear and k == "evit")]
+    kinds = _kind_options(red, linear)
     kind = chooser.choose(f"{p}.reduction{tag}", kinds) if len(kinds) > 1 else kinds[0]
     if kind == "tome":
         r = chooser.choose(f"{p}.r", red.r)
@@ -412,6 +487,11 @@ def _draw_structure(st: StageChoices, attention: str, tokens: int, floor: int, c
         method = chooser.choose(f"{p}.method", red.method) if kind == "cluster" else "kmedoids"
         return tuple(cells), _place_keep(cells, kind, keep, method, red.at, tokens, floor)
     return tuple(cells), Reduction()
+
+
+def _kind_options(red: ReductionChoices, linear: bool) -> list[str]:
+    """Reduction kinds a stage may draw; linear attention has no class attention to rank by (no evit)."""
+    return [k for k in red.kind if not (linear and k == "evit")] or ["none"]
 
 
 def _reducible(cells: Sequence[str], j: int, kind: str) -> bool:
@@ -463,7 +543,7 @@ def _enumerate_structure_params(st: StageChoices, attention: str):
     linear = attention == "linear"
     tag = "_linear" if linear else ""
     cell_options = [c for c in st.cells if not (linear and c == "share")] or ["basic"]
-    kinds = [k for k in st.reduction.kind if not (linear and k == "evit")]
+    kinds = _kind_options(st.reduction, linear)
     red = st.reduction
     for depth in st.depth:
         for cells in itertools.product(cell_options, repeat=depth - 1):
@@ -529,7 +609,9 @@ def _draw_timm(spec: TimmSpace, chooser: Chooser) -> TimmArch:
         keep = chooser.choose("evit.keep_rate", red.evit.keep_rate)
         layers = chooser.choose("evit.layers", [",".join(map(str, ls)) for ls in red.evit.layers])
         schedule = {"kind": "evit", "keep_rate": keep, "layers": [int(b) for b in layers.split(",")]}
-    return TimmArch(model=spec.model, image_size=spec.image_size, num_classes=spec.num_classes, schedule=schedule)
+    return TimmArch(
+        model=spec.model, image_size=spec.image_size, num_classes=spec.num_classes, schedule=schedule
+    )
 
 
 def _tome_schedule(r: int, rule: str, depth: int) -> dict[str, Any]:
@@ -538,7 +620,10 @@ def _tome_schedule(r: int, rule: str, depth: int) -> dict[str, Any]:
         return {"kind": "none"}
     if rule == "constant":
         return {"kind": "tome", "r": [r] * depth}
-    return {"kind": "tome", "r": [round(2 * r * (1 - b / (depth - 1))) if depth > 1 else r for b in range(depth)]}
+    return {
+        "kind": "tome",
+        "r": [round(2 * r * (1 - b / (depth - 1))) if depth > 1 else r for b in range(depth)],
+    }
 
 
 def _timm_members(spec: TimmSpace) -> set[str]:
@@ -547,10 +632,18 @@ def _timm_members(spec: TimmSpace) -> set[str]:
     params: list[dict[str, Any]] = []
     for kind in red.kind:
         if kind == "tome":
-            params += [{"reduction": kind, "tome.r": r, "tome.rule": rule} for r in red.tome.r for rule in red.tome.rule]
+            params += [
+                {"reduction": kind, "tome.r": r, "tome.rule": rule}
+                for r in red.tome.r
+                for rule in red.tome.rule
+            ]
         elif kind == "evit":
             layers = [",".join(map(str, ls)) for ls in red.evit.layers]
-            params += [{"reduction": kind, "evit.keep_rate": k, "evit.layers": ls} for k in red.evit.keep_rate for ls in layers]
+            params += [
+                {"reduction": kind, "evit.keep_rate": k, "evit.layers": ls}
+                for k in red.evit.keep_rate
+                for ls in layers
+            ]
         else:
             params.append({"reduction": kind})
     return {_draw_timm(spec, ReplayChooser(p)).to_json() for p in params}

@@ -43,6 +43,7 @@ class Fingerprint:
 
 def fingerprint(target: Target) -> Fingerprint:
     """The fingerprint that a measurement on ``target`` from this process is keyed by."""
+    target.require_available()
     gpu = {}
     if target.torch_device.type == "cuda":
         gpu = {
@@ -86,7 +87,10 @@ def _gpu_driver(index: int) -> str:
     try:
         out = subprocess.run(
             ["nvidia-smi", f"--id={index}", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         )
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -103,6 +103,7 @@ def measure(
     model's timm ``pretrained_cfg["input_size"]``, or of ``target.resolution`` when it is set.
     ``time_budget_s`` bounds warm-up and repeats; ``timeout_s`` bounds everything, compilation too.
     """
+    target.require_available()
     shape = input_shape or _input_shape(model, target)
     timer = _Timer(target.torch_device, timeout_s)
     was_training = model.training
@@ -147,7 +148,8 @@ def measure_in_subprocess(
 
     The hard timeout for forward passes that hang (or crash the process). ``model_factory`` builds
     the model in the child, so it must be picklable: a module-level function or a
-    ``functools.partial`` of one. The timeout starts once the child has imported everything.
+    ``functools.partial`` of one. The timeout starts once the child has imported everything; a
+    ``UserError`` in the child is raised here, and a crash (e.g. the OOM killer) is a failed result.
     """
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
@@ -159,9 +161,10 @@ def measure_in_subprocess(
     try:
         for limit, what in ((_STARTUP_TIMEOUT_S, "start"), (timeout_s, "finish")):
             if not receiver.poll(limit):
-                return MeasureResult(ok=False, error=f"timeout: measuring process did not {what} within {limit:g} s")
+                return MeasureResult(
+                    ok=False, error=f"timeout: measuring process did not {what} within {limit:g} s"
+                )
             message = receiver.recv()
-        return message
     except EOFError:
         child.join()
         return MeasureResult(ok=False, error=f"crashed: measuring process exited with code {child.exitcode}")
@@ -169,11 +172,17 @@ def measure_in_subprocess(
         child.kill()
         child.join()
         receiver.close()
+    if isinstance(message, UserError):
+        raise message
+    return message
 
 
 def _measure_child(sender, model_factory, target: Target, timeout_s: float, kwargs: dict) -> None:
     sender.send("started")
-    sender.send(measure_safely(model_factory(), target, timeout_s=timeout_s, **kwargs))
+    try:
+        sender.send(measure_safely(model_factory(), target, timeout_s=timeout_s, **kwargs))
+    except UserError as err:  # the parent raises it: a user mistake, not a failed measurement
+        sender.send(err)
 
 
 class _Timer:
@@ -216,6 +225,9 @@ def _first_call(
     """Run the first (untimed) pass; returns the forward to measure, its backend and any fallback."""
     fallback = None
     if backend == "compile":
+        # Dynamo stops compiling a forward after a few recompilations and silently runs it eager;
+        # a campaign measures many models of one class, so each starts from an empty cache.
+        torch._dynamo.reset()
         try:
             compiled = functools.partial(torch.compile(model), x)
             timer(compiled)  # compiles
@@ -246,7 +258,9 @@ def settled(times: list[float]) -> bool:
     return bool(last >= (1 - SETTLE_DROP) * before)
 
 
-def _repeat(forward: Callable[[], object], timer: _Timer, budget_s: float, rel_precision: float) -> list[float]:
+def _repeat(
+    forward: Callable[[], object], timer: _Timer, budget_s: float, rel_precision: float
+) -> list[float]:
     """Timed samples (kept sorted) until the median is precise enough or the budget ends."""
     samples: list[float] = []
     end = time.monotonic() + budget_s
@@ -278,8 +292,16 @@ def _latency(samples: list[float], *, warmup: int, backend: str, fallback: str |
     mean, std = float(values.mean()), float(values.std(ddof=1))
     p10, median, p90 = (float(v) for v in np.percentile(values, [10, 50, 90]))
     return Latency(
-        median_ms=median, p10_ms=p10, p90_ms=p90, mean_ms=mean, std_ms=std, cv=std / mean,
-        repeats=len(samples), warmup=warmup, ci_rel=median_ci_rel(samples), backend=backend,
+        median_ms=median,
+        p10_ms=p10,
+        p90_ms=p90,
+        mean_ms=mean,
+        std_ms=std,
+        cv=std / mean,
+        repeats=len(samples),
+        warmup=warmup,
+        ci_rel=median_ci_rel(samples),
+        backend=backend,
         fallback=fallback,
     )
 

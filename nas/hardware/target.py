@@ -86,6 +86,17 @@ class Target:
         """Stable cache key: the canonical string, which names every setting explicitly."""
         return str(self)
 
+    def require_available(self) -> None:
+        """Fail with a one-line UserError, before any work, when this machine cannot run the target."""
+        if self.device == "cpu":
+            return
+        if not torch.cuda.is_available():
+            raise UserError(f"target {self} needs CUDA, which is not available on this machine")
+        if self.torch_device.index >= torch.cuda.device_count():
+            raise UserError(
+                f"target {self}: no GPU {self.torch_device.index} here ({torch.cuda.device_count()} found)"
+            )
+
     @property
     def torch_device(self) -> torch.device:
         return torch.device(self.device)

@@ -8,7 +8,6 @@ probabilities of the layer before it and only computes values and the output pro
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -19,7 +18,12 @@ def size_bias(size: Tensor | None) -> Tensor | None:
 
 
 def attention(
-    q: Tensor, k: Tensor, v: Tensor, size: Tensor | None = None, need_attn: bool = False, dropout_p: float = 0.0
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    size: Tensor | None = None,
+    need_attn: bool = False,
+    dropout_p: float = 0.0,
 ) -> tuple[Tensor, Tensor | None]:
     """softmax(q kᵀ d^-0.5 + log size) v for `[B, H, N, d]` inputs.
 

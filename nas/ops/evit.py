@@ -3,9 +3,9 @@
 The non-prefix tokens are ranked by the class token's attention (mean over heads); the top
 `ceil(keep_rate * n)` stay, in their original order, and the others are fused into one extra
 token appended last. The fused token is the attention-weighted average `sum w_i x_i / sum w_i`
-(w = class attention, times size when tokens carry sizes); the reference code takes the
-unnormalised sum, which differs only by a scale that the next LayerNorm mostly absorbs but that
-would make sizes meaningless. The fused token's size is the sum of the fused sizes.
+(w = class attention, times size when tokens carry sizes), so it stays on the scale of the tokens
+it replaces; the reference code takes the unnormalised sum `sum w_i x_i`, which shrinks it by the
+attention mass of the fused tokens. The fused token's size is the sum of the fused sizes.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ def evit_keep(tokens: int, keep_rate: float) -> int:
     """Non-prefix tokens kept out of `tokens`: ceil(keep_rate * tokens) (196 → 138 at 0.7)."""
     if not 0.0 < keep_rate <= 1.0:
         raise ValueError(f"EViT keep_rate must be in (0, 1], got {keep_rate}")
-    return min(tokens, math.ceil(keep_rate * tokens - 1e-9))
+    tokens = int(tokens)  # a traced shape (fvcore) is a tensor
+    return min(tokens, max(1, math.ceil(round(keep_rate * tokens, 9))))  # round: 0.7 * 100 is 70, not 71
 
 
 def fuse_topk(
@@ -36,14 +37,16 @@ def fuse_topk(
     if keep >= n - p:
         return x, size
     kept = score.topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values  # original order
-    dropped = torch.ones_like(score, dtype=torch.bool).scatter_(1, kept, False)
+    dropped = torch.ones_like(score, dtype=torch.bool).scatter_(
+        1, kept, torch.zeros_like(kept, dtype=torch.bool)
+    )
     sizes = x.new_ones(b, n, 1) if size is None else size
     w = score * sizes[:, p:, 0] * dropped  # weights of the fused tokens only
     total = w.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
     fused = (w.unsqueeze(1) @ x[:, p:]) / total.unsqueeze(-1)  # [B, 1, C]
     fused_size = (sizes[:, p:, 0] * dropped).sum(dim=-1, keepdim=True).unsqueeze(-1)
     rows = torch.cat([torch.arange(p, device=x.device).expand(b, p), kept + p], dim=1)
-    rows = (rows + n * torch.arange(b, device=x.device).unsqueeze(1)).view(-1)  # flat rows: a cheap index_select
+    rows = (rows + n * torch.arange(b, device=x.device).unsqueeze(1)).view(-1)  # flat: one index_select
     out = torch.cat([x.reshape(b * n, c).index_select(0, rows).view(b, -1, c), fused], dim=1)
     return out, torch.cat([sizes.reshape(b * n, 1).index_select(0, rows).view(b, -1, 1), fused_size], dim=1)
 

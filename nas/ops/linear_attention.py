@@ -14,7 +14,9 @@ from torch import Tensor, nn
 from nas.ops.attention import merge_heads
 
 
-def relu_linear_attention(q: Tensor, k: Tensor, v: Tensor, size: Tensor | None = None, eps: float = 1e-6) -> Tensor:
+def relu_linear_attention(
+    q: Tensor, k: Tensor, v: Tensor, size: Tensor | None = None, eps: float = 1e-6
+) -> Tensor:
     """`[B, H, N, d]` inputs → `[B, H, N, dv]`; a key of size `s` counts `s` times."""
     q, k = F.relu(q), F.relu(k)
     if size is not None:
@@ -35,7 +37,9 @@ class LinearAttention(nn.Module):
     there is no N x N map to share, and the keys averaged over heads serve as the ToMe metric.
     """
 
-    def __init__(self, dim: int, heads: int, kernel_size: int = 3, qkv_bias: bool = True, num_prefix: int = 1) -> None:
+    def __init__(
+        self, dim: int, heads: int, kernel_size: int = 3, qkv_bias: bool = True, num_prefix: int = 1
+    ) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"attention dim {dim} is not divisible by heads {heads}")
@@ -59,4 +63,3 @@ class LinearAttention(nn.Module):
         local = self.local(merge_heads(v)[:, p:].transpose(1, 2)).transpose(1, 2)
         y = y + F.pad(local, (0, 0, p, 0))
         return self.proj(y), None, k.mean(dim=1)
-

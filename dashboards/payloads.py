@@ -1,0 +1,236 @@
+"""The JSON the pages draw from: campaign summaries, points and fronts, shared architectures, one
+trial's details with its architecture laid out for drawing.
+
+Pure functions of what ``data.Store`` read, so they are tested without a server. The front and the
+pick under a budget use ``nas.search.pareto``: the same definitions as ``vitnas search`` and its
+tags. Strings are passed on as they are; the pages insert them as text, never as markup.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+
+from mlflow.entities import Run
+
+from nas.arch import ArchConfig, Reduction, TimmArch, arch_from_text
+from nas.errors import UserError
+from nas.search.pareto import best_under_budget, pareto_ranks
+from nas.tracking import CAMPAIGN, run_url
+
+from .data import CampaignInfo, Trial, number
+
+ACC, LAT = "val_accuracy", "latency_ms"
+#: Metrics shown with every point (hover) and in the trial panel, in this order.
+SHOWN = (ACC, LAT, "latency_p90_ms", "gflops", "params_m")
+#: Tags of a trial worth showing in its panel.
+TRIAL_TAGS = ("target", "fingerprint", "measured", "latency_cached", "supernet_hash",
+              "pareto", "pareto_rank", "best_under_budget")  # fmt: skip
+
+
+def plotted(trials: Sequence[Trial]) -> list[Trial]:
+    """Finished trials that have both an accuracy and a latency, by trial number."""
+    return [t for t in trials if t.status == "FINISHED" and ACC in t.metrics and LAT in t.metrics]
+
+
+def front(points: Sequence[Trial]) -> list[Trial]:
+    """The non-dominated points (accuracy max, latency min), fastest first."""
+    ranks = pareto_ranks([(t.metrics[ACC], t.metrics[LAT]) for t in points], ("max", "min"))
+    on = [t for t, r in zip(points, ranks) if r == 0]
+    return sorted(on, key=lambda t: (t.metrics[LAT], -t.metrics[ACC], t.trial_number))
+
+
+def best(points: Sequence[Trial], budget_ms: float | None) -> Trial | None:
+    """The most accurate point within the budget (ties: faster, then earlier); any latency when None."""
+    i = best_under_budget(
+        [t.metrics[ACC] for t in points],
+        [t.metrics[LAT] for t in points],
+        float("inf") if budget_ms is None else budget_ms,
+    )
+    return None if i is None else points[i]
+
+
+def _pick(trial: Trial | None) -> dict | None:
+    if trial is None:
+        return None
+    return {"run_id": trial.run_id, "trial_number": trial.trial_number,
+            "accuracy": trial.metrics[ACC], "latency_ms": trial.metrics[LAT]}  # fmt: skip
+
+
+def campaign_meta(info: CampaignInfo) -> dict:
+    return {
+        "ref": info.ref,
+        "experiment_id": info.experiment_id,
+        "experiment": info.experiment,
+        "name": info.name,
+        "run_id": info.run_id,
+        "status": info.status,
+        "target": info.target,
+        "space": info.space,
+        "budget_ms": info.budget_ms,
+    }
+
+
+def campaign_summary(info: CampaignInfo, trials: Sequence[Trial], budgets: Sequence[float]) -> dict:
+    """One row of the campaign list: counts, front size, best accuracy overall, under the campaign's
+    own budget and under each of ``budgets``."""
+    points = plotted(trials)
+    return {
+        **campaign_meta(info),
+        "trials": sum(t.status == "FINISHED" for t in trials),
+        "failed": sum(t.status in ("FAILED", "KILLED") for t in trials),
+        "running": sum(t.status == "RUNNING" for t in trials),
+        "front": len(front(points)),
+        "best_any": _pick(best(points, None)),
+        "best_own": _pick(best(points, info.budget_ms)) if info.budget_ms is not None else None,
+        "best": [_pick(best(points, b)) for b in budgets],
+    }
+
+
+def list_budgets(infos: Sequence[CampaignInfo], extra: Sequence[float] = ()) -> list[float]:
+    """The columns of the list: every campaign's budget and any asked for, ascending."""
+    return sorted({*(i.budget_ms for i in infos if i.budget_ms is not None), *extra})
+
+
+def point(trial: Trial) -> dict:
+    return {
+        "run_id": trial.run_id,
+        "run_name": trial.run_name,
+        "trial_number": trial.trial_number,
+        "arch_hash": trial.arch_hash,
+        **{k: trial.metrics.get(k) for k in SHOWN},
+        "pareto_tag": trial.tags.get("pareto") == "true",
+    }
+
+
+def campaign_points(info: CampaignInfo, trials: Sequence[Trial]) -> dict:
+    """A campaign page's data: every plottable trial, the front (run ids, fastest first), the pick
+    under the campaign's budget, and how many trials could not be plotted."""
+    points = plotted(trials)
+    pick = best(points, info.budget_ms)
+    return {
+        "campaign": campaign_meta(info),
+        "points": [point(t) for t in points],
+        "front": [t.run_id for t in front(points)],
+        "best_under_budget": None if pick is None else pick.run_id,
+        "not_plotted": len(trials) - len(points),
+    }
+
+
+def compare(infos: Sequence[CampaignInfo], trials: Sequence[Sequence[Trial]]) -> dict:
+    """Several campaigns side by side: each one's points and front, and every architecture (by
+    ``arch_hash``) finished in two or more of them, with its numbers in each (first trial of it)."""
+    by_hash: list[dict[str, Trial]] = []
+    for ts in trials:
+        first: dict[str, Trial] = {}
+        for t in plotted(ts):
+            first.setdefault(t.arch_hash, t)
+        by_hash.append(first)
+    hashes = sorted({h for m in by_hash for h in m if h and sum(h in o for o in by_hash) >= 2})
+    return {
+        "campaigns": [campaign_points(i, ts) for i, ts in zip(infos, trials)],
+        "same_space": len({i.space for i in infos}) == 1,
+        "shared": [
+            {"arch_hash": h, "runs": [point(m[h]) if h in m else None for m in by_hash]} for h in hashes
+        ],
+    }
+
+
+# -- one trial ----------------------------------------------------------------------------------
+def export_command(tracking_uri: str, run: Run) -> str:
+    """The exact ``vitnas export`` command line for the trial, quoted for a POSIX shell."""
+    number_tag = run.data.tags.get("trial_number", "")
+    out = f"exported/trial-{number_tag}" if number_tag.isdigit() else f"exported/{run.info.run_id}"
+    return shlex.join(["vitnas", "export", "--run-id", run.info.run_id, "--out", out, "--tracking-uri", tracking_uri])
+
+
+def mlflow_link(tracking_uri: str, experiment_id: str, run_id: str) -> dict:
+    """The run's MLflow page: a URL on a server; for a database store, how to start the UI and where to go."""
+    url = run_url(tracking_uri, experiment_id, run_id)
+    if url is not None:
+        return {"url": url}
+    return {
+        "command": shlex.join(["mlflow", "ui", "--backend-store-uri", tracking_uri]),
+        "path": f"#/experiments/{experiment_id}/runs/{run_id}",
+    }
+
+
+def reduction_text(red: Reduction) -> str:
+    if red.kind == "tome":
+        return f"ToMe: merge r = {', '.join(map(str, red.r))} per cell"
+    if red.kind == "evit":
+        return f"EViT: keep {red.keep_rate:g} after cells {', '.join(map(str, red.at))}"
+    if red.kind == "cluster":
+        return f"clustering ({red.method}): keep {red.keep_rate:g} after cells {', '.join(map(str, red.at))}"
+    return "no reduction"
+
+
+def arch_drawing(arch: ArchConfig | TimmArch) -> dict:
+    """What the page draws: the patch embedding, every stage (pool into it, dims, heads, attention,
+    reduction) with its cells and the token count after each (``token_trace``), the head."""
+    if isinstance(arch, TimmArch):
+        return {"family": "timm", "model": arch.model, "image_size": arch.image_size,
+                "num_classes": arch.num_classes, "schedule": arch.schedule}  # fmt: skip
+    stages, before = [], arch.grid**2 + 1
+    for i, st in enumerate(arch.stages):
+        cells = [
+            {"kind": kind, "tokens": after, "reduces": kind != "identity" and st.reduction.reduces_at(j)}
+            for j, (kind, after) in enumerate(zip(st.cells, st.token_trace()))
+        ]
+        stages.append({
+            "index": i,
+            "pool": st.pool,
+            "tokens_before": before,
+            "tokens": st.tokens,
+            "dim": st.dim,
+            "heads": st.heads,
+            "mlp_ratio": st.mlp_ratio,
+            "attention": st.attention,
+            "reduction": {"kind": st.reduction.kind, "text": reduction_text(st.reduction)},
+            "cells": cells,
+            "exit_tokens": st.exit_tokens,
+        })  # fmt: skip
+        before = st.exit_tokens
+    return {
+        "family": "psvit",
+        "image_size": arch.image_size,
+        "patch_size": arch.patch_size,
+        "grid": arch.grid,
+        "in_chans": arch.in_chans,
+        "num_classes": arch.num_classes,
+        "stages": stages,
+    }
+
+
+def trial_detail(tracking_uri: str, run: Run, arch_text: str | None) -> dict:
+    """A clicked point's panel: its numbers, the architecture drawn, the MLflow page, the export command."""
+    info, tags = run.info, run.data.tags
+    arch, problem = None, None
+    if arch_text is None:
+        problem = "the run has no arch.yaml artifact"
+    else:
+        try:
+            arch = arch_drawing(arch_from_text(arch_text, f"run {info.run_id} arch.yaml"))
+        except UserError as err:
+            problem = str(err)
+    return {
+        "run_id": info.run_id,
+        "run_name": info.run_name or "",
+        "experiment_id": info.experiment_id,
+        "status": info.status,
+        "campaign": tags.get(CAMPAIGN, ""),
+        "trial_number": tags.get("trial_number", ""),
+        "arch_hash": tags.get("arch_hash", ""),
+        "metrics": {k: number(str(v)) for k, v in sorted(run.data.metrics.items(), key=_shown_first)},
+        "tags": {k: tags[k] for k in TRIAL_TAGS if k in tags},
+        "arch": arch,
+        "arch_error": problem,
+        "arch_yaml": arch_text,
+        "export_command": export_command(tracking_uri, run),
+        "mlflow": mlflow_link(tracking_uri, info.experiment_id, info.run_id),
+    }
+
+
+def _shown_first(item: tuple[str, float]) -> tuple[int, str]:
+    key = item[0]
+    return (SHOWN.index(key) if key in SHOWN else len(SHOWN), key)

@@ -1,0 +1,101 @@
+"""Token pooling by clustering (Token Pooling, Marin et al. 2023 WACV).
+
+Tokens are clustered into `k` groups by k-means, k-medoids, or weighted k-medoids (weights =
+token significance, e.g. class attention), and each group is replaced by its weighted mean.
+Everything is batched: assignments come from `[B, N, k]` distance tables and updates from one-hot
+matrix products, so the only Python loop is over the fixed number of iterations. The start is
+deterministic: `k` evenly spaced tokens, which on a patch sequence are spread over the image.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+METHODS = ("kmeans", "kmedoids")
+
+
+def _sq_dist(x: Tensor, y: Tensor) -> Tensor:
+    """Squared Euclidean distances `[B, N, M]` by the matmul expansion (no `[B, N, M, C]` tensor)."""
+    d = (x * x).sum(-1, keepdim=True) - 2 * x @ y.transpose(1, 2) + (y * y).sum(-1).unsqueeze(1)
+    return d.clamp_min_(0)
+
+
+def _spread(n: int, k: int, device: torch.device) -> Tensor:
+    if not 1 <= k <= n:
+        raise ValueError(f"cannot cluster {n} tokens into k={k} groups: need 1 <= k <= {n}")
+    return torch.linspace(0, n - 1, k, device=device).round().long()
+
+
+def _weighted_onehot(assign: Tensor, k: int, weights: Tensor | None, dtype: torch.dtype) -> Tensor:
+    onehot = F.one_hot(assign, k).to(dtype)
+    return onehot if weights is None else onehot * weights.unsqueeze(-1)
+
+
+@torch.no_grad()
+def kmeans(x: Tensor, k: int, iters: int = 5, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Weighted k-means of `x [B, N, C]`: returns `(assign [B, N], centres [B, k, C])`.
+
+    `iters` Lloyd updates, then a final assignment so that every token is with its nearest centre.
+    A cluster that empties keeps its previous centre.
+    """
+    centres = x[:, _spread(x.shape[1], k, x.device)]
+    for _ in range(iters):
+        w = _weighted_onehot(_sq_dist(x, centres).argmin(-1), k, weights, x.dtype)  # [B, N, k]
+        total = w.sum(1).unsqueeze(-1)  # [B, k, 1]
+        centres = torch.where(total > 0, (w.transpose(1, 2) @ x) / total.clamp_min(1e-12), centres)
+    return _sq_dist(x, centres).argmin(-1), centres
+
+
+@torch.no_grad()
+def kmedoids(x: Tensor, k: int, iters: int = 5, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(Weighted) k-medoids of `x [B, N, C]`: returns `(assign [B, N], medoids [B, k])` (token indices).
+
+    Alternating updates: assign to the nearest medoid, then make each cluster's medoid the member
+    with the least weighted distance to the other members. A cluster that empties keeps its medoid.
+    """
+    b, n, _ = x.shape
+    dist = _sq_dist(x, x).sqrt_()  # [B, N, N], symmetric
+    medoids = _spread(n, k, x.device).expand(b, k)
+    for _ in range(iters):
+        assign = dist.gather(2, medoids.unsqueeze(1).expand(b, n, k)).argmin(-1)
+        weighted = _weighted_onehot(assign, k, weights, x.dtype)  # [B, N, k]
+        member = F.one_hot(assign, k).bool()
+        cost = dist @ weighted  # [B, N candidates, k]: weighted distance to each cluster's members
+        best = cost.masked_fill(~member, float("inf")).argmin(1)  # [B, k]
+        medoids = torch.where(member.any(1), best, medoids)
+    return dist.gather(2, medoids.unsqueeze(1).expand(b, n, k)).argmin(-1), medoids
+
+
+def cluster_pool(
+    x: Tensor,
+    k: int,
+    method: str = "kmedoids",
+    iters: int = 5,
+    size: Tensor | None = None,
+    weights: Tensor | None = None,
+    num_prefix: int = 1,
+) -> tuple[Tensor, Tensor]:
+    """Cluster the non-prefix tokens into `k` and replace each cluster by its weighted mean.
+
+    Weights (for clustering and for the means) are size times `weights [B, N - num_prefix]` when
+    given; the new sizes are the summed sizes. Returns `([B, num_prefix + k, C], [B, num_prefix + k, 1])`.
+    """
+    if method not in METHODS:
+        raise ValueError(f"clustering method {method!r} is not one of {METHODS}")
+    p = num_prefix
+    tokens = x[:, p:]
+    sizes = x.new_ones(x.shape[0], x.shape[1], 1) if size is None else size
+    w = sizes[:, p:, 0] if weights is None else sizes[:, p:, 0] * weights
+    if method == "kmeans":
+        assign, centres = kmeans(tokens.detach(), k, iters, w)
+    else:
+        assign, medoids = kmedoids(tokens.detach(), k, iters, w)
+        centres = tokens.gather(1, medoids.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    onehot = F.one_hot(assign, k).to(x.dtype).transpose(1, 2)  # [B, k, n]
+    weighted = onehot * w.unsqueeze(1)
+    total = weighted.sum(-1, keepdim=True)  # [B, k, 1]
+    means = (weighted @ tokens) / total.clamp_min(1e-12)
+    pooled = torch.where(total > 0, means, centres)  # an empty cluster (duplicate tokens) keeps its centre
+    return torch.cat([x[:, :p], pooled], dim=1), torch.cat([sizes[:, :p], onehot @ sizes[:, p:]], dim=1)

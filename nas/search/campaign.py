@@ -1,0 +1,349 @@
+"""A search campaign on one machine: an Optuna study, every trial tracked in MLflow.
+
+One campaign = one Optuna study (same name) + one MLflow parent run. Running the same command
+again resumes it: finished trials are kept, trials a killed process left RUNNING are marked
+failed (in Optuna and in MLflow), and the loop runs only the trials still missing. The Pareto
+front over all finished trials is recomputed and tagged at the end of every run.
+
+With a latency predictor, a candidate is measured only when it may matter: predicted within
+the budget and not clearly dominated by what is already measured. Before the front is
+reported, any unmeasured candidate on it is measured, until the whole front is measured.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+from tqdm.auto import tqdm
+
+from nas.errors import UserError
+from nas.search.pareto import pareto_front
+from nas.search.samplers import make_sampler
+from nas.search.scoring import Score, Scorer, make_scorer
+from nas.space import SearchSpace
+from nas.tracking import FAILURE, Campaign
+
+#: A candidate is skipped (not measured) when predicted this much over the budget ...
+BUDGET_MARGIN = 0.10
+#: ... or when a measured trial is at least this much more accurate and predicted faster by this margin.
+DOMINANCE_MARGIN = (0.005, 0.10)
+INTERRUPTED = "vitnas.interrupted"
+
+
+@dataclass(frozen=True)
+class CampaignConfig:
+    """Everything that defines a campaign; the same values resume it."""
+
+    name: str
+    space: str
+    target: str
+    trials: int
+    workspace: str
+    supernet: str | None = None
+    sampler: str = "nsga2"
+    seed: int = 0
+    latency_budget_ms: float | None = None
+    storage: str | None = None
+    tracking_uri: str | None = None
+    cache_url: str | None = None
+    predictor: str | None = None
+    data: str | None = None
+    measure_budget_s: float = 2.0
+
+    def resolved(self) -> CampaignConfig:
+        """Defaults filled in: study, MLflow and latency cache on sqlite files in the workspace."""
+        ws = Path(self.workspace).resolve()
+        ws.mkdir(parents=True, exist_ok=True)
+        from nas.hardware.cache import default_url
+        from nas.tracking import default_tracking_uri
+
+        return CampaignConfig(
+            **{
+                **asdict(self),
+                "workspace": str(ws),
+                "storage": self.storage or f"sqlite:///{ws / 'optuna.db'}",
+                "tracking_uri": self.tracking_uri or default_tracking_uri(ws),
+                "cache_url": self.cache_url or default_url(ws),
+            }
+        )
+
+
+def scorer_for(config: CampaignConfig, space: SearchSpace) -> Scorer:
+    """The scorer a (resolved) campaign config asks for."""
+    return make_scorer(space, target=config.target, workspace=config.workspace, cache_url=config.cache_url,
+                       supernet=config.supernet, data=config.data, predictor=config.predictor,
+                       measure_budget_s=config.measure_budget_s)
+
+
+@dataclass
+class CampaignResult:
+    name: str
+    parent_run_id: str
+    finished: int
+    failed: int
+    ran_now: int
+    front: list[dict]
+    best_under_budget: dict | None
+    tracking_uri: str
+
+
+def run_campaign(
+    config: CampaignConfig, space: SearchSpace, scorer: Scorer, progress: bool = True
+) -> CampaignResult:
+    """Run (or resume) the campaign until ``config.trials`` trials have finished."""
+    config = config.resolved()
+    study = _open_study(config, space, scorer)
+    tracker = Campaign(config.tracking_uri, config.name)
+    tracker.start_or_resume(
+        params=_campaign_params(config, space, scorer), tags=_campaign_tags(config, space, scorer)
+    )
+    _fail_interrupted(study, tracker)
+    todo = max(0, config.trials - _done(study))
+    ran = 0
+    bar = tqdm(
+        total=config.trials,
+        initial=config.trials - todo,
+        desc=f"campaign {config.name}",
+        unit="trial",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    try:
+        for _ in range(todo):
+            _run_trial(study, space, scorer, tracker, config)
+            ran += 1
+            bar.update()
+            bar.set_postfix_str(_progress_note(study, config.latency_budget_ms))
+    except KeyboardInterrupt:
+        bar.close()
+        _fail_interrupted(study, tracker)  # Ctrl-C outside scoring can leave the trial RUNNING
+        _finalise(study, space, scorer, tracker, config)
+        tracker.end("KILLED")
+        raise
+    bar.close()
+    result = _finalise(study, space, scorer, tracker, config)
+    tracker.end("FINISHED")
+    result.ran_now = ran
+    return result
+
+
+# -- study -------------------------------------------------------------------------------------
+def _open_study(config: CampaignConfig, space: SearchSpace, scorer: Scorer) -> optuna.Study:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        storage=config.storage,
+        study_name=config.name,
+        directions=["maximize", "minimize"],
+        sampler=make_sampler(config.sampler, config.seed, config.trials),
+        load_if_exists=True,
+    )
+    identity = {"space": space.name, "target": scorer.target.key(), "space_hash": space.content_hash()}
+    stored = {k: study.user_attrs.get(k) for k in identity}
+    if all(v is None for v in stored.values()):
+        for key, value in identity.items():
+            study.set_user_attr(key, value)
+    elif stored != identity:
+        changed = ", ".join(
+            f"{k} was {stored[k]!r}, now {identity[k]!r}" for k in identity if stored[k] != identity[k]
+        )
+        raise UserError(
+            f"campaign {config.name!r} exists with other settings ({changed}): choose another --campaign name"
+        )
+    return study
+
+
+def _fail_interrupted(study: optuna.Study, tracker: Campaign) -> None:
+    """Trials a killed run left RUNNING: failed in Optuna (tagged interrupted) and in MLflow.
+
+    A trial's MLflow run is failed too when it had already finished (stopped between the two
+    writes), and first: stopped in between here, the trial is still RUNNING next time.
+    """
+    storage = study._storage
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if "mlflow_run_id" in trial.user_attrs:
+            tracker.finish_trial(trial.user_attrs["mlflow_run_id"], {}, "FAILED", {FAILURE: "interrupted"})
+        storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
+        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    tracker.close_stale_trials(keep_running=set())
+
+
+def _done(study: optuna.Study) -> int:
+    """Trials that count towards the budget: completed, or failed on their own (not interrupted)."""
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+    return sum(1 for t in trials if not t.user_attrs.get(INTERRUPTED))
+
+
+# -- one trial -----------------------------------------------------------------------------------
+def _run_trial(study, space, scorer: Scorer, tracker: Campaign, config: CampaignConfig) -> None:
+    trial = study.ask()
+    arch = space.from_trial(trial)
+    trial.set_user_attr("arch_hash", arch.arch_hash())
+    run_id = tracker.trial_run(trial.number, arch, tags=_identity_tags(scorer))
+    trial.set_user_attr("mlflow_run_id", run_id)
+    try:
+        score, failure = evaluate(scorer, arch, should_measure=_measurement_policy(study, config))
+    except (KeyboardInterrupt, UserError) as err:
+        if isinstance(err, KeyboardInterrupt):  # not the candidate's failure: resume runs another
+            trial.set_user_attr(INTERRUPTED, True)
+        study.tell(trial, state=TrialState.FAIL)
+        reason = "interrupted" if isinstance(err, KeyboardInterrupt) else str(err)
+        tracker.finish_trial(run_id, {}, "FAILED", {"vitnas.failure": reason[:500]})
+        raise
+    if failure is not None:
+        study.tell(trial, state=TrialState.FAIL)
+        log_outcome(tracker, run_id, score, failure)
+        tqdm.write(f"trial {trial.number} failed: {failure}")
+        return
+    annotate(trial, score.measured is not None, score.latency_ms, config.latency_budget_ms)
+    # MLflow first: a kill in between leaves the trial RUNNING in Optuna, and resuming fails both
+    log_outcome(tracker, run_id, score, None)
+    study.tell(trial, [score.accuracy, score.latency_ms])
+
+
+def evaluate(scorer: Scorer, arch, should_measure=None) -> tuple[Score | None, str | None]:
+    """``(score, None)``, or ``(score or None, why it failed)``: one candidate's failure is recorded
+    and the campaign goes on. Ctrl-C and user errors are not the candidate's: they propagate.
+    Shared by the local and the Ray backends."""
+    try:
+        score = scorer.score(arch, should_measure=should_measure)
+    except (KeyboardInterrupt, UserError):
+        raise
+    except Exception as err:
+        return None, f"{type(err).__name__}: {err}"
+    return score, None if score.ok else score.measured.error
+
+
+def log_outcome(tracker: Campaign, run_id: str, score: Score | None, failure: str | None) -> None:
+    """End a trial's child run: FINISHED with its metrics, or FAILED with why."""
+    if failure is None:
+        tracker.finish_trial(run_id, score.metrics(), "FINISHED", _trial_tags(score))
+    else:
+        metrics = {} if score is None else score.metrics()
+        tracker.finish_trial(run_id, metrics, "FAILED", {"vitnas.failure": failure[:500]})
+
+
+def annotate(trial, measured: bool, latency_ms: float, budget_ms: float | None) -> None:
+    """What a completed Optuna trial records besides its values: measured or not, the budget
+    constraint. Shared by the local and the Ray backends."""
+    trial.set_user_attr("measured", measured)
+    if budget_ms is not None:
+        trial.set_constraint("latency_budget_ms", latency_ms - budget_ms)
+
+
+def _trial_tags(score: Score) -> dict[str, str]:
+    return {"measured": str(score.measured is not None).lower(), "latency_cached": str(score.cached).lower()}
+
+
+def _measurement_policy(study, config: CampaignConfig):
+    """When a predictor is used: measure unless the candidate is clearly over the budget or
+    clearly dominated by a measured trial (more accurate and faster, by the margins above)."""
+    budget = config.latency_budget_ms
+    acc_margin, lat_margin = DOMINANCE_MARGIN
+
+    def should_measure(accuracy: float, predicted_ms: float | None) -> bool:
+        if predicted_ms is None:
+            return True
+        if budget is not None and predicted_ms > budget * (1 + BUDGET_MARGIN):
+            return False
+        return not any(
+            t.user_attrs.get("measured")
+            and t.values[0] >= accuracy + acc_margin
+            and t.values[1] * (1 + lat_margin) <= predicted_ms
+            for t in _complete(study)
+        )
+
+    return should_measure
+
+
+def _complete(study) -> list[optuna.trial.FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def _progress_note(study, budget: float | None) -> str:
+    done = [t for t in _complete(study)]
+    if not done:
+        return ""
+    front = pareto_front([t.values for t in done], ("max", "min"))
+    ok = [t for t in done if budget is None or t.values[1] <= budget]
+    best = max((t.values[0] for t in ok), default=math.nan)
+    return f"front={len(front)} best_acc{'<=' + format(budget, 'g') + 'ms' if budget else ''}={best:.3f}"
+
+
+# -- the end of a run ------------------------------------------------------------------------------
+def _finalise(study, space, scorer: Scorer, tracker: Campaign, config: CampaignConfig) -> CampaignResult:
+    """Measure any unmeasured candidate on the front, then tag the front and log its artifacts."""
+    _measure_front(study, space, scorer, tracker)
+    front = tracker.tag_pareto(budget_ms=config.latency_budget_ms)
+    tracker.log_front_artifacts(budget_ms=config.latency_budget_ms)
+    rows = tracker.trial_runs()
+    best = next((r for r in rows if r.tags.get("best_under_budget") == "true"), None)
+    trials = study.get_trials(deepcopy=False)
+    return CampaignResult(
+        name=config.name,
+        parent_run_id=tracker.parent_run_id,
+        finished=sum(t.state == TrialState.COMPLETE for t in trials),
+        failed=sum(t.state == TrialState.FAIL for t in trials),
+        ran_now=0,
+        front=front,
+        best_under_budget=None if best is None else best.as_row(),
+        tracking_uri=config.tracking_uri,
+    )
+
+
+def _measure_front(study, space, scorer: Scorer, tracker: Campaign) -> None:
+    """Until every trial on the (accuracy, latency) front was measured, measure those that were not.
+
+    A measured latency replaces the prediction in MLflow (the Optuna trial keeps its values:
+    finished trials are immutable there).
+    """
+    while True:
+        rows = tracker.trial_runs()
+        if not rows:
+            return
+        front = pareto_front(
+            [(r.metrics["val_accuracy"], r.metrics["latency_ms"]) for r in rows], ("max", "min")
+        )
+        unmeasured = [rows[i] for i in front if rows[i].tags.get("measured") != "true"]
+        if not unmeasured:
+            return
+        for row in unmeasured:
+            arch = space.from_params(study.trials[row.trial_number].params)
+            score = scorer.score(arch)
+            state = "FINISHED" if score.ok else "FAILED"
+            tracker.finish_trial(row.run_id, score.metrics(), state, _trial_tags(score))
+
+
+def _campaign_params(config: CampaignConfig, space: SearchSpace, scorer: Scorer) -> dict:
+    return {
+        "data": scorer.data_spec,
+        "space": space.name,
+        "space_file": space.source,
+        "target": config.target,
+        "trials": config.trials,
+        "sampler": config.sampler,
+        "seed": config.seed,
+        "latency_budget_ms": config.latency_budget_ms,
+        "supernet": config.supernet,
+        "predictor": config.predictor,
+    }
+
+
+def _identity_tags(scorer: Scorer) -> dict[str, str]:
+    """What a latency and an accuracy were taken on: target, machine fingerprint, supernet weights."""
+    tags = {"target": scorer.target.key(), "fingerprint": scorer.fingerprint.digest()}
+    if scorer.weights_hash:
+        tags["supernet_hash"] = scorer.weights_hash
+    return tags
+
+
+def _campaign_tags(config: CampaignConfig, space: SearchSpace, scorer: Scorer) -> dict:
+    return {
+        "space_hash": space.content_hash(),
+        **_identity_tags(scorer),
+        "sampler": config.sampler,
+        "optuna_storage": config.storage,
+    }

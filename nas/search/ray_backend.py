@@ -1,0 +1,282 @@
+"""A search campaign on a Ray cluster: Ray Tune's ``Tuner`` with ``OptunaSearch``.
+
+The same campaign as the local backend (``nas.search.campaign``): one Optuna study on the same
+storage (same sampler, space, objectives and identity checks), one MLflow parent run, one child run
+per trial, the Pareto front tagged at the end. What changes is where a trial runs: each is a Ray
+Tune trial that asks for the target's threads and the target's Ray custom resource
+(``--target-resource hw_xeon=1``), so its latency is measured only on a node of the target's kind.
+
+- The driver holds the study (through ``OptunaSearch``) and the parent run; workers log their
+  child runs to the tracking server themselves and report the metrics back.
+- The supernet checkpoint travels in the Ray object store (``tune.with_parameters``) and is written
+  to a temporary folder on each worker node: no shared file system is needed for it.
+- A lost worker's running trials are retried (``FailureConfig``); finished ones stay finished.
+  Running the same command again after the driver died restores the Tune experiment
+  (``Tuner.restore``) from ``WORKSPACE/ray/<campaign>`` and runs only what is missing.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import optuna
+from ray.tune.search.optuna import OptunaSearch
+
+from nas.errors import UserError
+from nas.search.campaign import (
+    CampaignConfig,
+    CampaignResult,
+    _campaign_params,
+    _campaign_tags,
+    _done,
+    _fail_interrupted,
+    _finalise,
+    _identity_tags,
+    _open_study,
+    annotate,
+    evaluate,
+    log_outcome,
+    scorer_for,
+)
+from nas.search.samplers import make_sampler
+from nas.search.scoring import Scorer
+from nas.space import SearchSpace
+from nas.tracking import Campaign
+
+OBJECTIVES = (("val_accuracy", "max"), ("latency_ms", "min"))
+NUMBER = "vitnas_trial_number"  # the Optuna trial number, passed to the trainable with the params
+RUN_ID, FAILED = "mlflow_run_id", "vitnas_failure"
+#: Resources Ray itself defines: not a node's hardware kind.
+_RAY_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory", "node:", "accelerator_type:")
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how wide a campaign runs on Ray."""
+
+    address: str | None = None  # None: a local Ray; "auto", "HOST:PORT" or "ray://HOST:PORT"
+    max_concurrent: int = 1
+    target_resource: dict[str, float] = field(default_factory=dict)
+    max_failures: int = 3  # retries of a trial whose worker died
+
+
+def parse_resource(text: str) -> dict[str, float]:
+    """``hw_xeon=1`` (or ``hw_xeon``, amount 1) as Ray's resource dict; ``UserError`` otherwise."""
+    name, _, amount = text.partition("=")
+    try:
+        value = float(amount) if amount else 1.0
+    except ValueError:
+        value = -1.0
+    if not name.strip() or value <= 0 or name.startswith(_RAY_RESOURCES):
+        raise UserError(
+            f"--target-resource {text!r}: expected NAME=AMOUNT with a custom Ray resource name and a "
+            "positive amount, e.g. hw_xeon=1 (as the target nodes were started with --resources)"
+        )
+    return {name.strip(): value}
+
+
+def run_ray_campaign(
+    config: CampaignConfig, space: SearchSpace, scorer: Scorer, options: RayOptions, progress: bool = True
+) -> CampaignResult:
+    """Run (or resume) the campaign on Ray until ``config.trials`` trials have finished."""
+    import ray
+    from ray import tune
+
+    config = config.resolved()
+    if config.predictor:
+        raise UserError("--predictor works with the local backend only: on Ray every candidate is measured")
+    study = _open_study(config, space, scorer)
+    tracker = Campaign(config.tracking_uri, config.name)
+    tags = {
+        **_campaign_tags(config, space, scorer),
+        "backend": "ray",
+        "target_resource": _resource_tag(options),
+    }
+    tracker.start_or_resume(params=_campaign_params(config, space, scorer), tags=tags)
+    ray.init(address=options.address, ignore_reinit_error=True, log_to_driver=progress)
+    job = _Job(config, space, tracker.parent_run_id, _pack(config.supernet), options.target_resource)
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, job=job),
+        {"CPU": scorer.target.threads or 1, **options.target_resource},
+    )
+    experiment = Path(config.workspace) / "ray" / config.name
+    before = _done(study)
+    if tune.Tuner.can_restore(str(experiment)):
+        tracker.close_stale_trials()  # runs of trials the dead driver left: their retry reopens them
+        tuner = tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
+    else:
+        _fail_interrupted(study, tracker)
+        todo = config.trials - before
+        tuner = (
+            None
+            if todo <= 0
+            else _new_tuner(config, space, options, trainable, todo, experiment.parent, progress)
+        )
+    if tuner is not None:
+        tuner.fit()
+    tracker.close_stale_trials()  # a trial that ran out of retries
+    result = _finalise(study, space, scorer, tracker, config)
+    tracker.end("FINISHED")
+    result.ran_now = _done(study) - before
+    return result
+
+
+def _new_tuner(
+    config: CampaignConfig,
+    space: SearchSpace,
+    options: RayOptions,
+    trainable,
+    todo: int,
+    root: Path,
+    progress: bool,
+):
+    from ray import tune
+
+    searcher = _Searcher(
+        _Space(space),
+        metric=[name for name, _ in OBJECTIVES],
+        mode=[mode for _, mode in OBJECTIVES],
+        sampler=make_sampler(config.sampler, config.seed, config.trials),
+        study_name=config.name,
+        storage=optuna.storages.RDBStorage(config.storage),
+        budget_ms=config.latency_budget_ms,
+    )
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            num_samples=todo,
+            max_concurrent_trials=options.max_concurrent,
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=config.name,
+            storage_path=str(root),
+            failure_config=tune.FailureConfig(max_failures=options.max_failures),
+            verbose=None if progress else 0,
+        ),
+    )
+
+
+def _resource_tag(options: RayOptions) -> str:
+    return ",".join(f"{k}={v:g}" for k, v in options.target_resource.items()) or "none"
+
+
+# -- the driver's side of a trial ------------------------------------------------------------------
+class _Space:
+    """The define-by-run space: the local backend's ``space.from_trial``; passes the trial number on."""
+
+    def __init__(self, space: SearchSpace):
+        self.space = space
+
+    def __call__(self, trial) -> dict:
+        arch = self.space.from_trial(trial)
+        trial.set_user_attr("arch_hash", arch.arch_hash())
+        return {NUMBER: trial.number}
+
+
+class _Searcher(OptunaSearch):
+    """``OptunaSearch`` that records on the Optuna trial what the local backend records (MLflow run,
+    measured, the latency-budget constraint: OptunaSearch has no constraint hook), and tells a
+    candidate that failed on its own as FAIL, not as pruned."""
+
+    def __init__(self, *args, budget_ms: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._budget_ms = budget_ms
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and trial_id not in self._completed_trials and result:
+            if RUN_ID in result:
+                ot_trial.set_user_attr(RUN_ID, result[RUN_ID])
+            if result.get(FAILED):
+                result, error = None, True
+            elif result.get("latency_ms") is not None:
+                annotate(ot_trial, True, result["latency_ms"], self._budget_ms)
+        super().on_trial_complete(trial_id, result, error)
+
+
+# -- the worker's side -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Job:
+    """What every trial of a campaign needs on a worker (shipped once, through the object store)."""
+
+    config: CampaignConfig
+    space: SearchSpace
+    parent_run_id: str
+    checkpoint: dict[str, bytes]  # file name -> content; empty for spaces without a supernet
+    target_resource: dict[str, float]
+
+
+def _pack(supernet: str | None) -> dict[str, bytes]:
+    """The checkpoint files a scorer reads (weights and sidecar; not the optimizer state)."""
+    if not supernet:
+        return {}
+    from nas.supernet.checkpoint import SIDECAR, WEIGHTS, resolve
+
+    folder = resolve(supernet)
+    return {name: (folder / name).read_bytes() for name in (WEIGHTS, SIDECAR)}
+
+
+_STATE: dict[str, tuple[Scorer, Campaign]] = {}  # per worker process: reused actors keep their scorer
+
+
+def _worker_state(job: _Job) -> tuple[Scorer, Campaign]:
+    """The scorer (supernet, data, target, a node-local latency cache) and tracker of this campaign."""
+    key = f"{job.config.name}/{job.parent_run_id}"
+    if key not in _STATE:
+        root = Path(tempfile.gettempdir()) / "vitnas-ray" / job.config.name
+        supernet = _unpack(job.checkpoint, root / "supernet") if job.checkpoint else None
+        cache_url = job.config.cache_url
+        local = replace(
+            job.config,
+            workspace=str(root),
+            supernet=supernet,
+            cache_url=None if cache_url.startswith("sqlite:") else cache_url,  # a sqlite file is node-local
+        ).resolved()
+        tracker = Campaign(job.config.tracking_uri, job.config.name)
+        tracker.parent_run_id = job.parent_run_id
+        _STATE[key] = (scorer_for(local, job.space), tracker)
+    return _STATE[key]
+
+
+def _unpack(files: dict[str, bytes], folder: Path) -> str:
+    """Write the checkpoint files (each atomically: trials on one node may start together)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        path = folder / name
+        if not path.is_file() or path.read_bytes() != content:
+            tmp = folder / f".{name}.{id(content)}.tmp"
+            tmp.write_bytes(content)
+            tmp.replace(path)
+    return str(folder)
+
+
+def _node() -> dict[str, str]:
+    """Which node this trial runs on and the hardware resources that node offers."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    offered = next((n["Resources"] for n in ray.nodes() if n["NodeID"] == node_id), {})
+    custom = sorted(k for k in offered if not k.startswith(_RAY_RESOURCES))
+    return {"node_ip": ray.util.get_node_ip_address(), "node_id": node_id, "node_resources": ",".join(custom)}
+
+
+def _trainable(params: dict, job: _Job) -> None:
+    """One trial on a worker: score the candidate, log its child run, report to Tune."""
+    from ray import tune
+
+    scorer, tracker = _worker_state(job)
+    arch = job.space.from_params(params)
+    node = _node()
+    tags = {**_identity_tags(scorer), **node, "backend": "ray"}
+    run_id = tracker.trial_run(int(params[NUMBER]), arch, tags=tags)
+    score, failure = evaluate(scorer, arch)
+    log_outcome(tracker, run_id, score, failure)
+    report = {RUN_ID: run_id, "fingerprint": tags["fingerprint"], **node}
+    report.update(score.metrics() if score is not None else {})
+    if failure is not None:
+        report[FAILED] = failure[:500]
+    tune.report(report)

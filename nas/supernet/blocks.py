@@ -1,0 +1,298 @@
+"""The network's forward pass and module layout, written once for the subnet and the supernet.
+
+Every forward function here takes a *parameter tree*: any object whose attributes mirror the module
+tree of ``VitnasSubnet`` (``p.stages[i].cells[j].attn.qkv.weight`` ...). The stand-alone
+``VitnasSubnet`` passes itself; the ``Supernet`` passes a ``ParamTree`` of leading slices of its
+largest weights (weight entanglement, AutoFormer: Chen et al. 2021). So the two run the same code
+and differ only in where the tensors come from.
+
+The family is PSViT's (Chen et al. 2021, "PSViT: Better Vision Transformer via Token Pooling and
+Attention Sharing"): patch embedding, stages of ``basic``/``share``/``identity`` cells, token
+pooling between stages, optional token reduction inside a stage. Choices made here:
+
+- Heads: q, k and v each use the first ``dim`` channels, regrouped into ``heads`` heads of
+  ``dim / heads`` (AutoFormer-style): "first h heads" means the first ``dim`` channels.
+- A reduction (ToMe, EViT, clustering) acts after a cell's attention, before its MLP (as in ToMe
+  and EViT); token sizes are tracked through the stage and feed proportional attention.
+- Sizes reset to one after inter-stage pooling: each stage starts from unweighted tokens.
+- No dropout or drop-path: train and eval mode give the same outputs.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nas.arch import ArchConfig, StageConfig, kept_tokens
+from nas.ops.attention import apply_shared_attention, attention, class_attention, merge_heads, split_heads
+from nas.ops.cluster import cluster_pool
+from nas.ops.evit import evit_fuse
+from nas.ops.linear_attention import relu_linear_attention
+from nas.ops.pooling import avg_pool, conv1d_pool, conv2d_pool, pool_stride, tome_pool
+from nas.ops.tome import bipartite_soft_matching
+
+LN_EPS = 1e-6
+LOCAL_KERNEL = 3  # depthwise conv of linear attention (EfficientViT's local term), over the sequence
+
+
+# -- module layout (parameters only; the forward lives in the functions below) -----------------
+def mlp_hidden(dim: int, ratio: float) -> int:
+    return int(dim * ratio)
+
+
+def make_cell(dim: int, hidden: int, kind: str, local: bool, device=None) -> nn.Module:
+    """A cell's parameters: ``basic`` holds ``attn.qkv``, ``share`` only ``attn.v`` (PSViT),
+    ``local`` adds linear attention's depthwise conv; ``identity`` is an empty ``nn.Identity``."""
+    if kind == "identity":
+        return nn.Identity()
+    cell, attn, mlp = nn.Module(), nn.Module(), nn.Module()
+    cell.norm1 = nn.LayerNorm(dim, eps=LN_EPS, device=device)
+    if kind == "share":
+        attn.v = nn.Linear(dim, dim, device=device)
+    else:
+        attn.qkv = nn.Linear(dim, 3 * dim, device=device)
+    if local:
+        attn.local = nn.Conv1d(dim, dim, LOCAL_KERNEL, groups=dim, device=device)
+    attn.proj = nn.Linear(dim, dim, device=device)
+    cell.attn = attn
+    cell.norm2 = nn.LayerNorm(dim, eps=LN_EPS, device=device)
+    mlp.fc1 = nn.Linear(dim, hidden, device=device)
+    mlp.fc2 = nn.Linear(hidden, dim, device=device)
+    cell.mlp = mlp
+    return cell
+
+
+def make_pool(in_dim: int, out_dim: int, conv1d: int = 0, conv2d: int = 0, device=None) -> nn.Module:
+    """Inter-stage pooling parameters: ``proj`` (the class token for convs, every token otherwise)
+    plus a strided conv of kernel ``conv1d`` (1D) or ``conv2d`` (per side) when nonzero."""
+    pool = nn.Module()
+    pool.proj = nn.Linear(in_dim, out_dim, device=device)
+    if conv1d:
+        pool.conv1d = nn.Conv1d(in_dim, out_dim, conv1d, device=device)
+    if conv2d:
+        pool.conv2d = nn.Conv2d(in_dim, out_dim, conv2d, device=device)
+    return pool
+
+
+def make_stem(
+    in_chans: int, dim: int, patch: int, tokens: int, device=None
+) -> tuple[nn.Module, nn.Parameter, nn.Parameter]:
+    """Patch embedding (a strided conv), class token and position embedding (class token first)."""
+    embed = nn.Module()
+    embed.proj = nn.Conv2d(in_chans, dim, patch, stride=patch, device=device)
+    cls = nn.Parameter(torch.zeros(1, 1, dim, device=device))
+    pos = nn.Parameter(torch.zeros(1, tokens, dim, device=device))
+    return embed, cls, pos
+
+
+def init_weights(model: nn.Module) -> None:
+    """ViT initialisation (timm): truncated normal 0.02 for linears and embeddings, zero biases."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    for name in ("cls_token", "pos_embed"):
+        if hasattr(model, name):
+            nn.init.trunc_normal_(getattr(model, name), std=0.02)
+
+
+class ParamTree:
+    """Nested attribute access over a flat ``{"a.b.0.c": tensor}`` dict: ``tree.a.b[0].c``."""
+
+    __slots__ = ("_children",)
+
+    def __init__(self, flat: dict[str, Tensor] | None = None):
+        self._children: dict[str, object] = {}
+        for key, value in (flat or {}).items():
+            node = self
+            *path, leaf = key.split(".")
+            for part in path:
+                node = node._children.setdefault(part, ParamTree())
+            node._children[leaf] = value
+
+    def __getattr__(self, name: str):
+        try:
+            return self._children[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __getitem__(self, index: int):
+        return self._children[str(index)]
+
+
+# -- the plan of one stage ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class CellPlan:
+    """What one cell does: its kind, whether to form the attention map for a following ``share``
+    cell, which reduction acts after its attention, and the tokens it must leave."""
+
+    kind: str
+    need_attn: bool
+    reduce: str  # "none", "tome", "evit", "cluster"
+    r: int
+    keep_rate: float
+    method: str
+    tokens_out: int
+
+
+@functools.lru_cache(maxsize=4096)
+def stage_plan(st: StageConfig) -> tuple[CellPlan, ...]:
+    red, trace = st.reduction, st.token_trace()
+    computing = [j for j, c in enumerate(st.cells) if c != "identity"]
+    plans = []
+    for j, cell in enumerate(st.cells):
+        nxt = next((st.cells[i] for i in computing if i > j), None)
+        reduce = red.kind if cell != "identity" and red.reduces_at(j) else "none"
+        plans.append(
+            CellPlan(
+                kind=cell,
+                need_attn=cell == "basic" and nxt == "share",
+                reduce=reduce,
+                r=red.r[j] if reduce == "tome" else 0,
+                keep_rate=red.keep_rate or 1.0,
+                method=red.method,
+                tokens_out=trace[j],
+            )
+        )
+    return tuple(plans)
+
+
+# -- functional layers ---------------------------------------------------------------------------
+def linear(x: Tensor, p) -> Tensor:
+    return F.linear(x, p.weight, p.bias)
+
+
+def layer_norm(x: Tensor, p) -> Tensor:
+    return F.layer_norm(x, (x.shape[-1],), p.weight, p.bias, LN_EPS)
+
+
+def local_conv(v: Tensor, p, num_prefix: int = 1) -> Tensor:
+    """Depthwise 1D conv over the non-prefix value tokens ``[B, N, C]``; prefix rows get zero.
+
+    TODO(ops): the same term as inside ``nas.ops.linear_attention.LinearAttention.forward``; use a
+    functional form from ``nas.ops`` once it exposes one (weights passed in).
+    """
+    k = p.weight.shape[-1]
+    y = F.conv1d(v[:, num_prefix:].transpose(1, 2), p.weight, p.bias, padding=k // 2, groups=v.shape[-1])
+    return F.pad(y.transpose(1, 2), (0, 0, num_prefix, 0))
+
+
+def _cls_attn(attn: Tensor | None, q: Tensor | None, k: Tensor | None, size: Tensor | None) -> Tensor:
+    """Class attention over the other tokens, mean over heads: from the map when there is one."""
+    if attn is not None:
+        return attn[:, :, 0, 1:].mean(dim=1)
+    return class_attention(q, k, size)
+
+
+# -- the forward ----------------------------------------------------------------------------------
+def cell_forward(st: StageConfig, plan: CellPlan, p, x: Tensor, size: Tensor | None, shared: Tensor | None):
+    """One computing cell: attention (+ reduction) and MLP. Returns ``(x, size, map to share)``."""
+    h = layer_norm(x, p.norm1)
+    b, n, d = h.shape
+    q = k = attn = None
+    if plan.kind == "share":
+        attn = shared  # PSViT: the previous cell's probabilities, applied to this cell's values
+        y = merge_heads(apply_shared_attention(attn, split_heads(linear(h, p.attn.v), st.heads)))
+    else:
+        q, k, v = (
+            linear(h, p.attn.qkv).view(b, n, 3, st.heads, d // st.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        )
+        if st.attention == "linear":
+            y = merge_heads(relu_linear_attention(q, k, v, size)) + local_conv(merge_heads(v), p.attn.local)
+        else:
+            out, attn = attention(q, k, v, size, need_attn=plan.need_attn)
+            y = merge_heads(out)
+    x = x + linear(y, p.attn.proj)
+    if plan.reduce == "tome":
+        x, size = bipartite_soft_matching(k.mean(dim=1), plan.r).merge(x, size)
+    elif plan.reduce == "evit":
+        x, size = evit_fuse(x, _cls_attn(attn, q, k, size), plan.keep_rate, size)
+    elif plan.reduce == "cluster":
+        weighted = plan.method == "weighted_kmedoids"
+        weights = _cls_attn(attn, q, k, size) if weighted else None
+        method = "kmedoids" if weighted else plan.method
+        x, size = cluster_pool(x, kept_tokens(plan.keep_rate, n - 1), method, size=size, weights=weights)
+    if x.shape[1] != plan.tokens_out:
+        raise RuntimeError(
+            f"{plan.reduce} left {x.shape[1]} tokens where the architecture expects {plan.tokens_out} "
+            "(nas.ops and nas.arch disagree on token counts)"
+        )
+    x = x + linear(F.gelu(linear(layer_norm(x, p.norm2), p.mlp.fc1)), p.mlp.fc2)
+    return x, size, attn
+
+
+def stage_forward(st: StageConfig, cells, x: Tensor) -> Tensor:
+    """The cells of one stage; sizes start at one (``None``) and follow the reductions."""
+    size, shared = None, None
+    for j, plan in enumerate(stage_plan(st)):
+        if plan.kind != "identity":
+            x, size, shared = cell_forward(st, plan, cells[j], x, size, shared)
+    return x
+
+
+def pool_forward(kind: str, p, x: Tensor, out_tokens: int) -> Tensor:
+    """Inter-stage pooling to ``out_tokens`` non-class tokens and the pool's output dim.
+
+    conv1d/conv2d: stride = kernel = ceil(in / out) (per side for conv2d), the class token through
+    ``proj``; avg: window means then ``proj``; tome/cluster: the reduction then ``proj``.
+    """
+    n = x.shape[1] - 1
+    if kind == "conv1d":
+        w = p.conv1d.weight
+        return conv1d_pool(x, w, p.conv1d.bias, w.shape[-1], out_tokens, 1, p.proj.weight, p.proj.bias)[0]
+    if kind == "conv2d":
+        w = p.conv2d.weight
+        return conv2d_pool(x, w, p.conv2d.bias, w.shape[-1], out_tokens, 1, p.proj.weight, p.proj.bias)[0]
+    if kind == "avg":
+        return _avg_pool(x, p.proj, n, out_tokens)
+    if kind == "tome":
+        x, _ = tome_pool(x, out_tokens)
+    else:
+        x, _ = cluster_pool(x, out_tokens, "kmedoids")
+    return linear(x, p.proj)
+
+
+def _avg_pool(x: Tensor, proj, n: int, out_tokens: int) -> Tensor:
+    """``nas.ops.pooling.avg_pool`` over the windows that hold tokens.
+
+    TODO(ops): when ceil(n / stride) < out_tokens the last windows are padding only and ops'
+    avg_pool divides 0 by 0 (NaN). Until ops decides, such windows come out like conv1d's padding
+    windows: the projection's bias.
+    """
+    real = math.ceil(n / pool_stride(n, out_tokens))
+    y, _ = avg_pool(x, proj.weight, proj.bias, real)
+    if real == out_tokens:
+        return y
+    return torch.cat([y, proj.bias.expand(x.shape[0], out_tokens - real, -1)], dim=1)
+
+
+def conv_kernel(kind: str, in_tokens: int, out_tokens: int) -> int:
+    """Kernel (= stride) of a conv pool between token counts that include the class token."""
+    n, m = in_tokens - 1, out_tokens - 1
+    if kind == "conv2d":
+        n, m = math.isqrt(n), math.isqrt(m)
+    return pool_stride(n, m)
+
+
+def forward_features(arch: ArchConfig, p, x: Tensor) -> Tensor:
+    """Images ``[B, C, H, W]`` → the normalised class token ``[B, dim of the last stage]``."""
+    x = F.conv2d(x, p.patch_embed.proj.weight, p.patch_embed.proj.bias, stride=arch.patch_size)
+    x = x.flatten(2).transpose(1, 2)
+    x = torch.cat([p.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + p.pos_embed
+    for i, st in enumerate(arch.stages):
+        if i:
+            x = pool_forward(st.pool, p.stages[i].pool, x, st.tokens - 1)
+        x = stage_forward(st, p.stages[i].cells, x)
+    return layer_norm(x[:, 0], p.norm)
+
+
+def forward_logits(arch: ArchConfig, p, x: Tensor) -> Tensor:
+    return linear(forward_features(arch, p, x), p.head)

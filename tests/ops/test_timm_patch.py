@@ -1,0 +1,189 @@
+"""ToMe and EViT on timm VisionTransformers: exact identities, agreement with a by-hand forward, state."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch.testing import assert_close
+
+from nas.ops import timm_patch
+from nas.ops.evit import evit_fuse
+from nas.ops.tome import bipartite_soft_matching
+
+SMALL = dict(img_size=64, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10)  # 64 patches
+CONFIGS = {
+    "vit": {},
+    "vit_explicit_attn": {"fused": False},
+    "registers": {"reg_tokens": 2},
+    "deit3_layerscale_qknorm": {"init_values": 0.3, "no_embed_class": True, "qk_norm": True},
+    "deit3_explicit_attn": {"init_values": 0.3, "no_embed_class": True, "fused": False},
+    "avg_head": {"class_token": False, "global_pool": "avg", "fc_norm": True},
+    "avg_head_registers": {"class_token": False, "reg_tokens": 1, "global_pool": "avg"},
+}
+
+
+def _model(fused=True, **kwargs):
+    torch.manual_seed(0)
+    model = VisionTransformer(**{**SMALL, **kwargs}).eval()
+    for blk in model.blocks:
+        blk.attn.fused_attn = fused
+    return model
+
+
+def _images(b=2, size=64):
+    return torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def _by_hand(model, images, tome_r=0, evit=None):
+    """The reduced forward written out with timm's own modules (attention through timm's mask argument)."""
+    p = model.num_prefix_tokens
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+    size = None
+    for i, blk in enumerate(model.blocks):
+        h = blk.norm1(x)
+        b, n, _ = h.shape
+        a = blk.attn
+        q, k, _ = a.qkv(h).reshape(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = a.q_norm(q), a.k_norm(k)
+        mask = None if size is None or evit else size.log().transpose(1, 2).unsqueeze(1)
+        x = x + blk.ls1(a(h, attn_mask=mask))
+        if tome_r:
+            x, size = bipartite_soft_matching(k.mean(1), tome_r, p).merge(x, size)
+        elif evit and i in evit[1]:
+            cls = (q @ k.transpose(-1, -2) * a.scale).softmax(-1)[:, :, 0, p:].mean(1)
+            x, size = evit_fuse(x, cls, evit[0], size, p)
+        x = x + blk.ls2(blk.mlp(blk.norm2(x)))
+    x = model.norm(x)
+    if model.global_pool == "avg":
+        w = size[:, p:]
+        x = (x[:, p:] * w).sum(1) / w.sum(1)
+    else:
+        x = x[:, 0]
+    return model.head(model.fc_norm(x))
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_no_reduction_is_exactly_the_unpatched_model_and_remove_restores_it(config):
+    model = _model(**CONFIGS[config])
+    images = _images()
+    with torch.no_grad():
+        ref = model(images)
+        schedules = [{"kind": "none"}, {"kind": "tome", "r": 0}, {"kind": "tome", "r": [0, 0, 0, 0]}]
+        if model.cls_token is not None:
+            schedules.append({"kind": "evit", "keep_rate": 1.0, "layers": [1, 2]})
+        for schedule in schedules:
+            timm_patch.apply(model, schedule)
+            assert torch.equal(model(images), ref), schedule
+            assert torch.equal(model.forward_head(model.forward_features(images)), ref)
+        timm_patch.remove(model)
+        assert type(model) is VisionTransformer
+        assert all(type(blk).__name__ == "Block" for blk in model.blocks)
+        assert torch.equal(model(images), ref)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_tome_equals_the_by_hand_forward(config):
+    model = _model(**CONFIGS[config])
+    images = _images()
+    with torch.no_grad():
+        expected = _by_hand(model, images, tome_r=6)
+        out = timm_patch.apply(model, {"kind": "tome", "r": 6})(images)
+    assert out.shape == (2, 10)
+    assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    assert timm_patch.token_sizes(model).shape[1] == 64 + model.num_prefix_tokens - 4 * 6
+
+
+@pytest.mark.parametrize("config", ["vit", "vit_explicit_attn", "registers", "deit3_layerscale_qknorm"])
+def test_evit_equals_the_by_hand_forward(config):
+    model = _model(**CONFIGS[config])
+    images = _images()
+    with torch.no_grad():
+        expected = _by_hand(model, images, evit=(0.7, [1, 3]))
+        out = timm_patch.apply(model, {"kind": "evit", "keep_rate": 0.7, "layers": [1, 3]})(images)
+    assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    assert timm_patch.token_sizes(model).shape[1] == model.num_prefix_tokens + 33 + 1  # 64 → 45+1 → 33+1
+
+
+def test_deit_token_counts_and_prefix_positions():
+    """DeiT-S geometry (196 patches, 12 blocks): r=8 leaves 197 - 96 tokens; EViT 3/6/9 at 0.7 leaves 1 + 70 + 1."""
+    model = VisionTransformer(
+        img_size=224, patch_size=16, embed_dim=16, depth=12, num_heads=2, reg_tokens=2
+    ).eval()
+    images = _images(1, 224)
+    with torch.no_grad():
+        timm_patch.apply(model, {"kind": "tome", "r": 8, "trace_source": True})
+        features = model.forward_features(images)
+        src = timm_patch.source(model)
+        assert features.shape == (1, 199 - 96, 16) and src.shape == (1, 199 - 96, 199)
+        assert torch.equal(src[0, :3], torch.eye(199)[:3])  # class token and registers first, each alone
+        assert torch.equal(src.sum(1), torch.ones(1, 199))
+        assert torch.equal(src.sum(-1, keepdim=True), timm_patch.token_sizes(model))
+        timm_patch.apply(model, {"kind": "evit", "keep_rate": 0.7, "layers": [3, 6, 9]})
+        assert model.forward_features(images).shape == (1, 3 + 70 + 1, 16)
+        assert timm_patch.source(model) is None
+
+
+def test_forward_features_after_forward_and_repeated_calls():
+    model = timm_patch.apply(_model(reg_tokens=1), {"kind": "tome", "r": 5})
+    images = _images()
+    with torch.no_grad():
+        out = model(images)
+        features = model.forward_features(images)
+        assert features.shape == (2, 66 - 20, 32)
+        assert torch.equal(model.forward_head(features), out)
+        assert torch.equal(model(images), out)
+        assert model(images[:1]).shape == (1, 10)
+
+
+def test_gradients_flow_through_a_patched_model_in_training():
+    model = _model(init_values=0.1, qk_norm=True).train()
+    timm_patch.apply(model, {"kind": "tome", "r": [8, 4, 2, 0]})
+    model(_images()).square().sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    evit = timm_patch.apply(_model().train(), {"kind": "evit", "keep_rate": 0.5, "layers": [0, 2]})
+    evit(_images()).sum().backward()
+    assert evit.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_deepcopy_pickle_state_dict_and_reapply():
+    model = timm_patch.apply(_model(), {"kind": "tome", "r": 4})
+    keys = set(_model().state_dict())
+    assert set(model.state_dict()) == keys
+    twin, pickled = copy.deepcopy(model), pickle.loads(pickle.dumps(model))
+    images = _images()
+    with torch.no_grad():
+        assert torch.equal(twin(images), model(images))
+        assert torch.equal(pickled(images), model(images))
+        timm_patch.apply(model, {"kind": "tome", "r": 2})
+        assert type(model).__mro__[2] is VisionTransformer  # re-applying replaces, never stacks
+        assert model.forward_features(images).shape[1] == 65 - 8
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "schedule", "match"),
+    [
+        ({}, {"kind": "tomee", "r": 2}, "kind in"),
+        ({}, {"kind": "tome"}, "needs r"),
+        ({}, {"kind": "tome", "r": 2, "keep_rate": 0.5}, "unknown keys"),
+        ({}, {"kind": "tome", "r": [1, 2]}, "4 layers"),
+        ({}, {"kind": "evit", "keep_rate": 0.7, "layers": [4]}, r"\[0, 4\)"),
+        ({}, {"kind": "evit", "keep_rate": 0, "layers": [1]}, "keep_rate"),
+        ({}, {"kind": "tome", "r": 2, "prop_attn": "yes"}, "true or false"),
+        (
+            {"class_token": False, "global_pool": "avg"},
+            {"kind": "evit", "keep_rate": 0.7, "layers": [1]},
+            "no class token",
+        ),
+    ],
+)
+def test_bad_schedules_raise_clear_errors(kwargs, schedule, match):
+    with pytest.raises(ValueError, match=match):
+        timm_patch.apply(_model(**kwargs), schedule)
+
+
+def test_rejects_models_it_cannot_patch():
+    with pytest.raises(ValueError, match="VisionTransformer"):
+        timm_patch.apply(torch.nn.Linear(2, 2), {"kind": "none"})

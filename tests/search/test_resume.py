@@ -1,0 +1,173 @@
+"""Interrupted campaigns: killed (SIGKILL) or stopped with Ctrl-C (SIGINT) through the real CLI, then
+resumed by running the same command again; and a campaign name reused for another space or target."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from nas.cli import main
+from nas.search.campaign import INTERRUPTED, run_campaign
+from nas.tracking import Campaign
+
+TRIALS = 6
+
+
+def start(tiny, config, log: Path) -> subprocess.Popen:
+    """``vitnas search ...`` in a process of its own, output to ``log``."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "nas.cli", *tiny.search_argv(config)], stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+def trial_states(config) -> list[tuple[int, str, bool]]:
+    """(number, state, has an MLflow run id) per trial, read with plain SQL: no Optuna storage set-up
+    racing the CLI's, and a short lock timeout (the CLI may be stopped while it holds the lock)."""
+    db = Path(config.storage.removeprefix("sqlite:///"))
+    if not db.is_file():
+        return []
+    query = (
+        "select t.number, t.state, exists(select 1 from trial_user_attributes a "
+        "where a.trial_id = t.trial_id and a.key = 'mlflow_run_id') from trials t order by t.number"
+    )
+    try:
+        with contextlib.closing(sqlite3.connect(db, timeout=1)) as con:
+            return con.execute(query).fetchall()
+    except sqlite3.OperationalError:  # tables not created yet, or locked
+        return []
+
+
+def interrupt_mid_trial(proc: subprocess.Popen, config, sig: int, log: Path, timeout_s: float = 300) -> int:
+    """Send ``sig`` once two trials are COMPLETE and another is being scored; returns its number.
+
+    The process is stopped (SIGSTOP) while its state is read, so that the trial seen running is the
+    one the signal interrupts; if none is, it continues and the poll goes on.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"vitnas search exited ({proc.returncode}) before it could be interrupted:\n{log.read_text()}")
+        states = trial_states(config)
+        if sum(s == "COMPLETE" for _, s, _ in states) >= 2 and any(s == "RUNNING" for _, s, _ in states):
+            proc.send_signal(signal.SIGSTOP)
+            running = [n for n, s, logged in trial_states(config) if s == "RUNNING" and logged]
+            if running:
+                proc.send_signal(sig)
+                proc.send_signal(signal.SIGCONT)
+                return running[0]
+            proc.send_signal(signal.SIGCONT)
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail(f"no trial to interrupt within {timeout_s} s:\n{log.read_text()}")
+
+
+def resume(tiny, config):
+    """The same command again, to the end; then the campaign's records, checked."""
+    done = subprocess.run([sys.executable, "-m", "nas.cli", *tiny.search_argv(config)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    records = tiny.check(config)
+    assert sum(t.state == TrialState.COMPLETE for t in records.trials) == config.trials
+    assert [r.trial_number for r in records.runs] == [t.number for t in records.trials]
+    assert records.parent.info.status == "FINISHED"
+    return records
+
+
+@pytest.fixture
+def campaign(tiny, tmp_path, sqlite_tracking_uri):
+    return tiny.config(tmp_path, "resumable", TRIALS, tracking_uri=sqlite_tracking_uri, latency_budget_ms=1.0)
+
+
+def test_killed_campaign_resumes_without_losing_or_repeating_trials(tiny, campaign, tmp_path):
+    log = tmp_path / "search.log"
+    proc = start(tiny, campaign, log)
+    killed = interrupt_mid_trial(proc, campaign, signal.SIGKILL, log)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    before = {n: s for n, s, _ in trial_states(campaign)}
+    assert before[killed] == "RUNNING"
+
+    records = resume(tiny, campaign)
+    trial = records.trials[killed]
+    assert trial.state == TrialState.FAIL and trial.user_attrs[INTERRUPTED] is True
+    assert records.runs[killed].status == "FAILED"
+    # everything finished before the kill is kept as it was; the rest ran after
+    assert all(records.trials[n].state == TrialState.COMPLETE for n, s in before.items() if s == "COMPLETE")
+    assert len(records.trials) == TRIALS + 1
+
+
+def test_ctrl_c_stops_cleanly_and_resumes(tiny, campaign, tmp_path):
+    log = tmp_path / "search.log"
+    proc = start(tiny, campaign, log)
+    stopped = interrupt_mid_trial(proc, campaign, signal.SIGINT, log)
+    assert proc.wait(timeout=120) == 130, log.read_text()
+    assert log.read_text().strip().splitlines()[-1] == "vitnas: interrupted"
+
+    records = tiny.check(campaign)  # nothing left RUNNING, the front over the finished trials tagged
+    assert records.parent.info.status == "KILLED"
+    assert records.trials[stopped].state == TrialState.FAIL
+    assert records.trials[stopped].user_attrs[INTERRUPTED] is True
+    assert sum(r.tags.get("pareto") == "true" for r in records.runs) >= 1
+
+    records = resume(tiny, campaign)
+    assert len(records.trials) == TRIALS + 1
+
+
+@pytest.mark.parametrize("where", ["trial_run", "finish_trial", "tell"])
+def test_ctrl_c_anywhere_in_a_trial_leaves_consistent_records(tiny, tmp_path, sqlite_tracking_uri, monkeypatch, where):
+    """Ctrl-C right after the second trial's run is created, its run finished, or its result told to Optuna."""
+    config = tiny.config(tmp_path, f"ctrl-c-{where}", 3, tracking_uri=sqlite_tracking_uri)
+    owner = optuna.Study if where == "tell" else Campaign
+    original, calls = getattr(owner, where), []
+
+    def then_interrupt(*args, **kwargs):
+        result = original(*args, **kwargs)
+        calls.append(where)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(owner, where, then_interrupt)
+    scorer = tiny.scorer(config)
+    with pytest.raises(KeyboardInterrupt):
+        run_campaign(config, tiny.space, scorer, progress=False)
+    records = tiny.check(config)
+    assert records.parent.info.status == "KILLED"
+
+    monkeypatch.setattr(owner, where, original)
+    run_campaign(config, tiny.space, scorer, progress=False)
+    records = tiny.check(config)
+    assert sum(t.state == TrialState.COMPLETE for t in records.trials) == 3
+
+
+def test_campaign_name_is_bound_to_its_space_and_target(tiny, tmp_path, sqlite_tracking_uri, capsys):
+    config = tiny.config(tmp_path, "bound", 2, tracking_uri=sqlite_tracking_uri)
+    run_campaign(config, tiny.space, tiny.scorer(config), progress=False)
+    before = tiny.check(config)
+
+    renamed = tmp_path / "renamed.yaml"  # same choices (so the same checkpoint fits), another space
+    renamed.write_text(yaml.safe_dump({**yaml.safe_load(open(tiny.space.source)), "name": "tiny-renamed"}))
+    argv = tiny.search_argv(config)
+    cases = [
+        ("space was 'tiny', now 'tiny-renamed'", [*argv, "--space", str(renamed)]),
+        ("target was 'cpu:threads=1,", [*argv, "--target", "cpu:threads=2,batch=1"]),
+    ]
+    for reason, args in cases:
+        capsys.readouterr()
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("vitnas: error: campaign 'bound' exists"), err
+        assert reason in err
+
+    after = tiny.check(config)  # nothing was added or changed
+    assert [t.number for t in after.trials] == [t.number for t in before.trials]
+    assert after.parent.data.params == before.parent.data.params
