@@ -157,7 +157,7 @@ def compare(report, archs, rounds: Rounds, reference_hash: str) -> dict:
     predictor = LatencyPredictor(table)
     predicted = np.array([predictor.predict(a) for a in archs])
     measured = np.array([statistics.median(rounds.medians[a.arch_hash()]) for a in archs])
-    raw = np.array([table.parts_sum(a)[0] for a in archs])
+    raw = np.array([table.parts_sum(a) for a in archs])
     ape = np.abs(predicted - measured) / measured * 100
     ref = np.array(rounds.reference_ms)
     summary = {

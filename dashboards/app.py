@@ -95,7 +95,7 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "vitnas-dashboard"
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format, *args) -> None:  # noqa: A002 - the base class's signature
+    def log_message(self, format, *args) -> None:
         """Quiet: a page load is a dozen requests; errors are printed where they happen."""
 
     def do_GET(self) -> None:
@@ -119,7 +119,7 @@ class Handler(BaseHTTPRequestHandler):
                 raise NotFound(f"no page {url.path}")
         except NotFound as err:
             self._send_json({"error": str(err)}, HTTPStatus.NOT_FOUND)
-        except (UserError, ValueError) as err:
+        except UserError as err:
             self._send_json({"error": str(err)}, HTTPStatus.BAD_REQUEST)
         except MlflowException as err:
             self._send_json({"error": f"MLflow: {err.message}"}, HTTPStatus.BAD_GATEWAY)

@@ -8,11 +8,13 @@ campaign is read once per TTL however many requests ask for it.
 
 from __future__ import annotations
 
+import gc
 import math
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +24,11 @@ from mlflow.exceptions import MlflowException
 from sqlalchemy.engine import make_url
 
 from nas.errors import UserError
+from nas.search.pareto import pareto_ranks
 from nas.tracking import CAMPAIGN, ROLE
 
 PAGE = 1000
+ACC, LAT = "val_accuracy", "latency_ms"
 
 
 class NotFound(LookupError):
@@ -114,6 +118,47 @@ class Trial:
         )
 
 
+@dataclass(frozen=True)
+class Trials:
+    """A campaign's trials as loaded, with what every page needs computed once per load."""
+
+    all: list[Trial]  # any status, by trial number
+    points: list[Trial]  # finished, with an accuracy and a latency, by trial number
+    front: list[Trial]  # the non-dominated points (accuracy max, latency min), fastest first
+
+    @classmethod
+    def of(cls, trials: list[Trial]) -> Trials:
+        points = [t for t in trials if t.status == "FINISHED" and ACC in t.metrics and LAT in t.metrics]
+        ranks = pareto_ranks([(t.metrics[ACC], t.metrics[LAT]) for t in points], ("max", "min"))
+        front = sorted(
+            (t for t, r in zip(points, ranks) if r == 0),
+            key=lambda t: (t.metrics[LAT], -t.metrics[ACC], t.trial_number),
+        )
+        return cls(trials, points, front)
+
+
+_gc_guard = threading.Lock()
+_gc_holders = 0
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection while MLflow builds its ~60 ORM objects per run: with it, reading
+    5,000 runs spent three quarters of its time collecting here (17.5 s instead of 4 s). Reference
+    counting still frees what is not in a cycle; collection resumes when the last load ends."""
+    global _gc_holders
+    with _gc_guard:
+        _gc_holders += 1
+        gc.disable()
+    try:
+        yield
+    finally:
+        with _gc_guard:
+            _gc_holders -= 1
+            if _gc_holders == 0:
+                gc.enable()
+
+
 def number(text: str | None) -> float | None:
     """A param as a finite float, None for "None", "", NaN or anything else."""
     try:
@@ -144,9 +189,9 @@ def open_client(tracking_uri: str) -> MlflowClient:
 class Store:
     """The campaigns and trials of one tracking store, as the dashboard reads them."""
 
-    def __init__(self, tracking_uri: str, ttl_s: float = 30.0, client: MlflowClient | None = None):
+    def __init__(self, tracking_uri: str, ttl_s: float = 30.0):
         self.tracking_uri = tracking_uri
-        self.client = client or open_client(tracking_uri)
+        self.client = open_client(tracking_uri)
         self.cache = TTLCache(ttl_s)
 
     def _search(self, experiment_ids: list[str], filter_string: str) -> Iterator[Run]:
@@ -187,14 +232,15 @@ class Store:
                 return info
         raise NotFound(f"no campaign {ref!r} in {self.tracking_uri}")
 
-    def trials(self, info: CampaignInfo) -> list[Trial]:
-        """All trial runs of the campaign (any status), by trial number."""
+    def trials(self, info: CampaignInfo) -> Trials:
+        """The campaign's trial runs (any status) and their front."""
         return self.cache.get(("trials", info.ref), lambda: self._load_trials(info))
 
-    def _load_trials(self, info: CampaignInfo) -> list[Trial]:
+    def _load_trials(self, info: CampaignInfo) -> Trials:
         where = f"tags.`{ROLE}` = 'trial' and tags.`{CAMPAIGN}` = '{info.name}'"
-        trials = (Trial.from_run(r) for r in self._search([info.experiment_id], where))
-        return sorted(trials, key=lambda t: (t.trial_number, t.run_id))
+        with collector_paused():
+            trials = [Trial.from_run(r) for r in self._search([info.experiment_id], where)]
+        return Trials.of(sorted(trials, key=lambda t: (t.trial_number, t.run_id)))
 
     def run(self, run_id: str) -> tuple[Run, str | None]:
         """A trial's run and the text of its ``arch.yaml`` artifact (None when it has none)."""

@@ -1,13 +1,14 @@
 """The JSON the pages draw from: campaign summaries, points and fronts, shared architectures, one
 trial's details with its architecture laid out for drawing.
 
-Pure functions of what ``data.Store`` read, so they are tested without a server. The front and the
-pick under a budget use ``nas.search.pareto``: the same definitions as ``vitnas search`` and its
-tags. Strings are passed on as they are; the pages insert them as text, never as markup.
+Pure functions of what ``data.Store`` read. The front (``data.Trials``) and the pick under a budget
+use ``nas.search.pareto``: the same definitions as ``vitnas search`` and its tags. Strings are
+passed on as they are; the pages insert them as text, never as markup.
 """
 
 from __future__ import annotations
 
+import math
 import shlex
 from collections.abc import Sequence
 
@@ -15,29 +16,16 @@ from mlflow.entities import Run
 
 from nas.arch import ArchConfig, Reduction, TimmArch, arch_from_text
 from nas.errors import UserError
-from nas.search.pareto import best_under_budget, pareto_ranks
+from nas.search.pareto import best_under_budget
 from nas.tracking import CAMPAIGN, run_url
 
-from .data import CampaignInfo, Trial, number
+from .data import ACC, LAT, CampaignInfo, Trial, Trials
 
-ACC, LAT = "val_accuracy", "latency_ms"
 #: Metrics shown with every point (hover) and in the trial panel, in this order.
 SHOWN = (ACC, LAT, "latency_p90_ms", "gflops", "params_m")
 #: Tags of a trial worth showing in its panel.
 TRIAL_TAGS = ("target", "fingerprint", "measured", "latency_cached", "supernet_hash",
               "pareto", "pareto_rank", "best_under_budget")  # fmt: skip
-
-
-def plotted(trials: Sequence[Trial]) -> list[Trial]:
-    """Finished trials that have both an accuracy and a latency, by trial number."""
-    return [t for t in trials if t.status == "FINISHED" and ACC in t.metrics and LAT in t.metrics]
-
-
-def front(points: Sequence[Trial]) -> list[Trial]:
-    """The non-dominated points (accuracy max, latency min), fastest first."""
-    ranks = pareto_ranks([(t.metrics[ACC], t.metrics[LAT]) for t in points], ("max", "min"))
-    on = [t for t, r in zip(points, ranks) if r == 0]
-    return sorted(on, key=lambda t: (t.metrics[LAT], -t.metrics[ACC], t.trial_number))
 
 
 def best(points: Sequence[Trial], budget_ms: float | None) -> Trial | None:
@@ -71,19 +59,19 @@ def campaign_meta(info: CampaignInfo) -> dict:
     }
 
 
-def campaign_summary(info: CampaignInfo, trials: Sequence[Trial], budgets: Sequence[float]) -> dict:
+def campaign_summary(info: CampaignInfo, trials: Trials, budgets: Sequence[float]) -> dict:
     """One row of the campaign list: counts, front size, best accuracy overall, under the campaign's
     own budget and under each of ``budgets``."""
-    points = plotted(trials)
+    statuses = [t.status for t in trials.all]
     return {
         **campaign_meta(info),
-        "trials": sum(t.status == "FINISHED" for t in trials),
-        "failed": sum(t.status in ("FAILED", "KILLED") for t in trials),
-        "running": sum(t.status == "RUNNING" for t in trials),
-        "front": len(front(points)),
-        "best_any": _pick(best(points, None)),
-        "best_own": _pick(best(points, info.budget_ms)) if info.budget_ms is not None else None,
-        "best": [_pick(best(points, b)) for b in budgets],
+        "trials": statuses.count("FINISHED"),
+        "failed": statuses.count("FAILED") + statuses.count("KILLED"),
+        "running": statuses.count("RUNNING"),
+        "front": len(trials.front),
+        "best_any": _pick(best(trials.points, None)),
+        "best_own": _pick(best(trials.points, info.budget_ms)) if info.budget_ms is not None else None,
+        "best": [_pick(best(trials.points, b)) for b in budgets],
     }
 
 
@@ -99,31 +87,29 @@ def point(trial: Trial) -> dict:
         "trial_number": trial.trial_number,
         "arch_hash": trial.arch_hash,
         **{k: trial.metrics.get(k) for k in SHOWN},
-        "pareto_tag": trial.tags.get("pareto") == "true",
     }
 
 
-def campaign_points(info: CampaignInfo, trials: Sequence[Trial]) -> dict:
+def campaign_points(info: CampaignInfo, trials: Trials) -> dict:
     """A campaign page's data: every plottable trial, the front (run ids, fastest first), the pick
     under the campaign's budget, and how many trials could not be plotted."""
-    points = plotted(trials)
-    pick = best(points, info.budget_ms)
+    pick = best(trials.points, info.budget_ms)
     return {
         "campaign": campaign_meta(info),
-        "points": [point(t) for t in points],
-        "front": [t.run_id for t in front(points)],
+        "points": [point(t) for t in trials.points],
+        "front": [t.run_id for t in trials.front],
         "best_under_budget": None if pick is None else pick.run_id,
-        "not_plotted": len(trials) - len(points),
+        "not_plotted": len(trials.all) - len(trials.points),
     }
 
 
-def compare(infos: Sequence[CampaignInfo], trials: Sequence[Sequence[Trial]]) -> dict:
+def compare(infos: Sequence[CampaignInfo], trials: Sequence[Trials]) -> dict:
     """Several campaigns side by side: each one's points and front, and every architecture (by
     ``arch_hash``) finished in two or more of them, with its numbers in each (first trial of it)."""
     by_hash: list[dict[str, Trial]] = []
     for ts in trials:
         first: dict[str, Trial] = {}
-        for t in plotted(ts):
+        for t in ts.points:
             first.setdefault(t.arch_hash, t)
         by_hash.append(first)
     hashes = sorted({h for m in by_hash for h in m if h and sum(h in o for o in by_hash) >= 2})
@@ -221,7 +207,7 @@ def trial_detail(tracking_uri: str, run: Run, arch_text: str | None) -> dict:
         "campaign": tags.get(CAMPAIGN, ""),
         "trial_number": tags.get("trial_number", ""),
         "arch_hash": tags.get("arch_hash", ""),
-        "metrics": {k: number(str(v)) for k, v in sorted(run.data.metrics.items(), key=_shown_first)},
+        "metrics": {k: v if math.isfinite(v) else None for k, v in sorted(run.data.metrics.items(), key=_shown_first)},
         "tags": {k: tags[k] for k in TRIAL_TAGS if k in tags},
         "arch": arch,
         "arch_error": problem,

@@ -184,6 +184,12 @@ def _search_command(sub) -> None:
         "--target-resource",
         help="Ray custom resource of the target's nodes, NAME=AMOUNT (e.g. hw_xeon=1): trials run only there",
     )
+    ray.add_argument(
+        "--max-failures",
+        type=int,
+        default=5,
+        help="retries of a trial whose node was lost (default %(default)s)",
+    )
     p.set_defaults(run=_search)
 
 
@@ -219,7 +225,10 @@ def _search(args) -> int:
             raise UserError(f"--max-concurrent {args.max_concurrent}: must be at least 1")
         resource = parse_resource(args.target_resource) if args.target_resource else {}
         options = RayOptions(
-            address=args.address, max_concurrent=args.max_concurrent, target_resource=resource
+            address=args.address,
+            max_concurrent=args.max_concurrent,
+            target_resource=resource,
+            max_failures=args.max_failures,
         )
         result = run_ray_campaign(config, space, scorer, options, progress=not args.quiet)
     else:
@@ -473,8 +482,8 @@ def _latency_table_build(args) -> int:
         f"{table.build_s:.0f} s in all"
     )
     print(
-        f"overhead fitted on {len(table.subnets)} subnets: {o.constant_ms:.4g} ms + {o.scale:.4g} x parts "
-        f"{o.per_part_ms:+.4g} ms per part; fit error {report.fit_mape:.1f}% MAPE"
+        f"overhead fitted on {len(table.subnets)} subnets: latency = {o.constant_ms:.4g} ms + {o.scale:.4g} x "
+        f"sum of parts; fit error {report.fit_mape:.1f}% MAPE"
     )
     return 0
 
@@ -510,6 +519,48 @@ def _dashboard(args) -> int:
     return 0
 
 
+# -- vitnas train-supernet ------------------------------------------------------------------------
+def _train_supernet_command(sub) -> None:
+    from nas.supernet.train import TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser(
+        "train-supernet",
+        help="train the weight-sharing supernet of a psvit space",
+        description=(
+            "Train a space's weight-sharing supernet with the sandwich rule: every step trains the largest,\n"
+            "the smallest and random subnets, distilled in place from the largest (BigNAS); AdamW with warm-up\n"
+            "and cosine decay. A checkpoint (safetensors + JSON sidecar) goes to WORKSPACE/supernet/<space>/\n"
+            "after every epoch; --resume continues a stopped run exactly as if it had not stopped."
+        ),
+        epilog="example:\n  vitnas train-supernet --space psvit-digits --data digits --epochs 40 --workspace vitnas-runs",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--space", required=True, help="search-space YAML file or shipped space name (psvit family)")
+    p.add_argument("--data", default="digits", help="digits, cifar10:PATH, cifar100:PATH or imagefolder:PATH (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="total epochs (default %(default)s)")
+    p.add_argument("--workspace", default="vitnas-runs", help="where the checkpoint goes (default %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of every random stream (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="default %(default)s")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in the workspace (same settings)")
+    p.add_argument("--force", action="store_true", help="start over even if the workspace holds a checkpoint")
+    p.add_argument("--tracking-uri", help="log the run to MLflow here (default: $MLFLOW_TRACKING_URI if set, else no logging)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_train_supernet)
+
+
+def _train_supernet(args) -> int:
+    from nas.supernet.train import TrainConfig, train_supernet
+
+    config = TrainConfig(epochs=args.epochs, seed=args.seed, batch_size=args.batch_size, lr=args.lr)
+    result = train_supernet(args.space, args.data, args.workspace, config, resume=args.resume, force=args.force,
+                            tracking_uri=args.tracking_uri, progress=not args.quiet)
+    if result.run_id:
+        print(f"MLflow run {result.run_id}")
+    return 0
+
+
 COMMANDS: list[Callable] = [
     _space_commands,
     _search_command,
@@ -520,6 +571,7 @@ COMMANDS: list[Callable] = [
     _profile_command,
     _latency_table_command,
     _dashboard_command,
+    _train_supernet_command,
 ]
 
 

@@ -43,7 +43,7 @@
       marker: {
         color: points.map(p => p.gflops), colorscale: "Viridis", showscale: true,
         colorbar: { title: { text: "GFLOPs" } }, size: params, sizemode: "area",
-        sizeref: 2 * maxParams / 22 ** 2, sizemin: 4, opacity: 0.85, line: { width: 0.5, color: "#333" },
+        sizeref: 2 * maxParams / (points.length > 1000 ? 14 : 22) ** 2, sizemin: 3, opacity: 0.85, line: { width: 0.5, color: "#333" },
       },
     }),
     trace(front, {
@@ -56,15 +56,15 @@
     xaxis: { title: { text: "latency (ms, measured on the target)" } },
     yaxis: { title: { text: "validation accuracy" } },
     hovermode: "closest", template: "plotly_white", margin: { t: 30, r: 10 },
-    legend: { orientation: "h", y: -0.18 },
+    legend: { orientation: "h", y: -0.18, itemsizing: "constant" },
   }, { responsive: true, displaylogo: false });
   plot.on("plotly_click", event => openTrial(event.points[0].customdata));
 
   // -- the budget slider --
   const slider = document.getElementById("budget");
-  const lats = points.map(p => p.latency_ms);
+  const lats = points.map(p => p.latency_ms).concat(c.budget_ms ?? []);  // the budget may lie outside the points
   const lo = Math.min(...lats), hi = Math.max(...lats);
-  slider.min = lo; slider.max = hi; slider.step = hi > lo ? (hi - lo) / 1000 : 1;
+  slider.min = lo; slider.max = hi; slider.step = "any";  // the budget exactly; keys move by 1 % and 10 %
   slider.value = c.budget_ms ?? hi;
   slider.disabled = points.length === 0;
 

@@ -30,7 +30,7 @@
       customdata: ps.map(p => p.run_id), text: ps.map(p => hover(p, c.campaign.name)), hovertemplate: "%{text}<extra></extra>" });
     traces.push({ type: "scatter", mode: "markers", name: plotlyText(`${label(c)}: trials`), legendgroup: String(i),
       marker: { color: colour(i), size: 6, opacity: 0.3 }, ...xy(c.points) });
-    traces.push({ type: "scatter", mode: "lines+markers", name: `${label(c)}: front`, legendgroup: String(i),
+    traces.push({ type: "scatter", mode: "lines+markers", name: plotlyText(`${label(c)}: front`), legendgroup: String(i),
       line: { shape: "hv", color: colour(i), width: 2 }, marker: { color: colour(i), size: 9 }, ...xy(front) });
   });
   const fronts = document.getElementById("fronts");

@@ -6,6 +6,9 @@ shuffled order, so that a stretch of machine noise spreads over all of them rath
 few; the table keeps every pass and predicts from the medians. Parts and subnets are measured in
 the same process, in the same state: eager CPU latency depends on the allocator's state (glibc
 malloc thresholds), so a table serves best a process in the same state as the one that built it.
+Build on a machine as quiet as the one the search will measure on: under load a whole subnet (a
+millisecond here) is interrupted more often than a part (a tenth of that), and the fitted overhead
+takes in the load of the moment.
 
 The file is rewritten atomically every few seconds and on the way out, so an interrupted build
 resumes where it stopped: points that already have their measurement for a pass are skipped.
@@ -86,11 +89,11 @@ def build_table(
                 saver.tick()
             sums = [table.parts_sum(a) for a in archs]
             measured = [table.subnet_ms(a.arch_hash()) for a in archs]
-            table.overhead = fit_overhead([s for s, _ in sums], [k for _, k in sums], measured)
+            table.overhead = fit_overhead(sums, measured)
         finally:
             bar.close()
             saver.tick(final=True)
-    fit = mape([table.overhead.apply(s, k) for s, k in sums], measured)
+    fit = mape([table.overhead.apply(s) for s in sums], measured)
     return BuildReport(table, path, measured_now=len(todo), reused=reused, fit_mape=fit)
 
 

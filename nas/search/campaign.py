@@ -18,6 +18,7 @@ from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
+from sqlalchemy import event
 from tqdm.auto import tqdm
 
 from nas.errors import UserError
@@ -135,7 +136,7 @@ def run_campaign(
 def _open_study(config: CampaignConfig, space: SearchSpace, scorer: Scorer) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
-        storage=config.storage,
+        storage=open_storage(config.storage),
         study_name=config.name,
         directions=["maximize", "minimize"],
         sampler=make_sampler(config.sampler, config.seed, config.trials),
@@ -154,6 +155,29 @@ def _open_study(config: CampaignConfig, space: SearchSpace, scorer: Scorer) -> o
             f"campaign {config.name!r} exists with other settings ({changed}): choose another --campaign name"
         )
     return study
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage | str:
+    """The Optuna storage at ``url``; a sqlite file is put in WAL mode with ``synchronous=NORMAL``.
+
+    Optuna commits every suggested parameter on its own, and each commit waited for the disk:
+    ~0.7 s of a psvit-digits trial went there, ~0.06 s with these settings. A killed process still
+    loses nothing it committed (only a power cut could drop the last commits), and readers (the
+    dashboard, a resumed run) no longer block the writer. Other URLs are passed on as they are.
+    """
+    if not url.startswith("sqlite:"):
+        return url
+    storage = optuna.storages.RDBStorage(url)
+    event.listen(storage.engine, "connect", _sqlite_pragmas)
+    storage.engine.dispose()  # the connections opened while creating the tables lack the pragmas
+    return storage
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
 
 
 def _fail_interrupted(study: optuna.Study, tracker: Campaign) -> None:

@@ -17,6 +17,7 @@ Tune trial that asks for the target's threads and the target's Ray custom resour
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -48,6 +49,8 @@ from nas.tracking import Campaign
 OBJECTIVES = (("val_accuracy", "max"), ("latency_ms", "min"))
 NUMBER = "vitnas_trial_number"  # the Optuna trial number, passed to the trainable with the params
 RUN_ID, FAILED = "mlflow_run_id", "vitnas_failure"
+#: Restores of a fit that ended with errored trials (each trial also has its own retries).
+RESUME_ROUNDS = 2
 #: Resources Ray itself defines: not a node's hardware kind.
 _RAY_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory", "node:", "accelerator_type:")
 
@@ -59,7 +62,9 @@ class RayOptions:
     address: str | None = None  # None: a local Ray; "auto", "HOST:PORT" or "ray://HOST:PORT"
     max_concurrent: int = 1
     target_resource: dict[str, float] = field(default_factory=dict)
-    max_failures: int = 3  # retries of a trial whose worker died
+    #: retries of a trial whose worker died; until Ray marks a lost node dead, a retry may be sent
+    #: there and fail at once, so leave room
+    max_failures: int = 5
 
 
 def parse_resource(text: str) -> dict[str, float]:
@@ -96,7 +101,7 @@ def run_ray_campaign(
     }
     tracker.start_or_resume(params=_campaign_params(config, space, scorer), tags=tags)
     ray.init(address=options.address, ignore_reinit_error=True, log_to_driver=progress)
-    job = _Job(config, space, tracker.parent_run_id, _pack(config.supernet), options.target_resource)
+    job = _Job(config, space, tracker.parent_run_id, _pack(config.supernet))
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, job=job),
         {"CPU": scorer.target.threads or 1, **options.target_resource},
@@ -114,13 +119,32 @@ def run_ray_campaign(
             if todo <= 0
             else _new_tuner(config, space, options, trainable, todo, experiment.parent, progress)
         )
-    if tuner is not None:
-        tuner.fit()
-    tracker.close_stale_trials()  # a trial that ran out of retries
+    try:
+        _fit(tuner, experiment, trainable, RESUME_ROUNDS)
+    except KeyboardInterrupt:  # running the command again restores the Tune experiment
+        tracker.end("KILLED")
+        raise
+    _fail_interrupted(study, tracker)  # trials still errored: running the command again retries them
     result = _finalise(study, space, scorer, tracker, config)
     tracker.end("FINISHED")
     result.ran_now = _done(study) - before
     return result
+
+
+def _fit(tuner, experiment: Path, trainable, rounds: int) -> None:
+    """Fit, then restore and resume errored trials, up to ``rounds`` times.
+
+    Tune retries a trial whose node was lost (``FailureConfig``), but when the lost actor reports
+    its failure twice, the second report can end the trial, already requeued, as ERROR: those are
+    resumed here. The searcher leaves an errored trial RUNNING in Optuna, so a resumed one is
+    told its values like any other.
+    """
+    from ray import tune
+
+    for attempt in range(rounds + 1):
+        if tuner is None or not tuner.fit().errors or attempt == rounds:
+            return
+        tuner = tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
 
 
 def _new_tuner(
@@ -179,14 +203,16 @@ class _Space:
 
 class _Searcher(OptunaSearch):
     """``OptunaSearch`` that records on the Optuna trial what the local backend records (MLflow run,
-    measured, the latency-budget constraint: OptunaSearch has no constraint hook), and tells a
-    candidate that failed on its own as FAIL, not as pruned."""
+    measured, the latency-budget constraint: OptunaSearch has no constraint hook), tells a
+    candidate that failed on its own as FAIL, not as pruned, and tells an errored trial nothing."""
 
     def __init__(self, *args, budget_ms: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._budget_ms = budget_ms
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        if error:  # the trial errored (retries used up): left RUNNING for the driver to resume or fail
+            return
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is not None and trial_id not in self._completed_trials and result:
             if RUN_ID in result:
@@ -207,7 +233,6 @@ class _Job:
     space: SearchSpace
     parent_run_id: str
     checkpoint: dict[str, bytes]  # file name -> content; empty for spaces without a supernet
-    target_resource: dict[str, float]
 
 
 def _pack(supernet: str | None) -> dict[str, bytes]:
@@ -227,8 +252,9 @@ def _worker_state(job: _Job) -> tuple[Scorer, Campaign]:
     """The scorer (supernet, data, target, a node-local latency cache) and tracker of this campaign."""
     key = f"{job.config.name}/{job.parent_run_id}"
     if key not in _STATE:
-        root = Path(tempfile.gettempdir()) / "vitnas-ray" / job.config.name
-        supernet = _unpack(job.checkpoint, root / "supernet") if job.checkpoint else None
+        # one folder per driver workspace, as the local backend has one latency cache per workspace
+        root = Path(tempfile.gettempdir()) / "vitnas-ray" / _digest(job.config.workspace)
+        supernet = _unpack(job.checkpoint, root / "supernet" / job.parent_run_id) if job.checkpoint else None
         cache_url = job.config.cache_url
         local = replace(
             job.config,
@@ -240,6 +266,10 @@ def _worker_state(job: _Job) -> tuple[Scorer, Campaign]:
         tracker.parent_run_id = job.parent_run_id
         _STATE[key] = (scorer_for(local, job.space), tracker)
     return _STATE[key]
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _unpack(files: dict[str, bytes], folder: Path) -> str:
@@ -259,9 +289,9 @@ def _node() -> dict[str, str]:
     import ray
 
     node_id = ray.get_runtime_context().get_node_id()
-    offered = next((n["Resources"] for n in ray.nodes() if n["NodeID"] == node_id), {})
-    custom = sorted(k for k in offered if not k.startswith(_RAY_RESOURCES))
-    return {"node_ip": ray.util.get_node_ip_address(), "node_id": node_id, "node_resources": ",".join(custom)}
+    node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
+    custom = sorted(k for k in node["Resources"] if not k.startswith(_RAY_RESOURCES))
+    return {"node_ip": node["NodeManagerAddress"], "node_id": node_id, "node_resources": ",".join(custom)}
 
 
 def _trainable(params: dict, job: _Job) -> None:

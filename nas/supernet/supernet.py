@@ -7,8 +7,9 @@ of them (weight entanglement, AutoFormer: Chen et al. 2021, ICCV):
 - qkv: seen as ``(3, D_max, D_max)``, a subnet takes ``[:, :dim, :dim]`` (first ``dim`` channels of
   each of q, k and v, regrouped into its ``heads`` heads of ``dim / heads``); a ``share`` cell uses
   the v part of the same weight, so both cell kinds at one position share it;
-- softmax and linear attention at one position share qkv and proj (attention kind is a per-stage
-  choice); linear attention adds its own depthwise conv (``attn.local``);
+- softmax and linear attention at one position share ``proj`` and the MLP, but not qkv: ReLU
+  feature maps and softmax want different queries and keys, so a stage that may use linear
+  attention also holds ``attn.linear_qkv`` (plus its depthwise conv ``attn.local``);
 - patch embedding, class token, position embedding, LayerNorms and the head: first channels;
 - conv pooling: weights at ``(D_max out, D_max in, K_max)``; a subnet whose stride is ``s`` takes
   the leading ``s`` taps (the stride follows the token counts); ``proj`` is shared by every pool kind.
@@ -31,9 +32,6 @@ from nas.errors import UserError
 from nas.space import PsvitSpace, SearchSpace, load_space
 from nas.supernet import blocks
 from nas.supernet.subnet import VitnasSubnet, subnet_shapes
-
-
-SEPARATE_LINEAR_QKV = True
 
 
 def space_hash(space: SearchSpace) -> str:
@@ -96,7 +94,7 @@ class Supernet(nn.Module):
             stage.cells = nn.ModuleList(
                 blocks.make_cell(m.dim, m.hidden, "basic", m.local) for _ in range(m.depth)
             )
-            if m.local and SEPARATE_LINEAR_QKV:
+            if m.local:
                 for cell in stage.cells:
                     cell.attn.linear_qkv = nn.Linear(m.dim, 3 * m.dim)
             self.stages.append(stage)
@@ -106,18 +104,19 @@ class Supernet(nn.Module):
 
     # -- slicing -----------------------------------------------------------------------------
     def sliced_state(self, arch: ArchConfig) -> dict[str, Tensor]:
-        """``VitnasSubnet(arch)``'s state dict as views of this supernet's weights."""
+        """``VitnasSubnet(arch)``'s state dict as leading slices of this supernet's weights.
+
+        Views, except qkv weights and biases: those are the q, k and v views stacked (a copy that
+        autograd traces back to the shared weight).
+        """
         self.check_fits(arch)
         params = dict(self.named_parameters())
         out = {}
         for key, shape in subnet_shapes(arch):
+            source = params.get(source_key(key, arch))
             if ".attn.qkv." in key or ".attn.v." in key:
-                source = key.replace(".attn.v.", ".attn.qkv.")
-                if SEPARATE_LINEAR_QKV and arch.stages[int(key.split(".")[1])].attention == "linear":
-                    source = source.replace(".attn.qkv.", ".attn.linear_qkv.")
-                out[key] = _qkv_slice(params[source], key, shape)
+                out[key] = _qkv_slice(source, key, shape)
                 continue
-            source = params.get(key)
             if source is None or any(s > t for s, t in zip(shape, source.shape)):
                 have = "missing" if source is None else f"at most {tuple(source.shape)}"
                 raise UserError(
@@ -176,6 +175,19 @@ class Supernet(nn.Module):
 def extract(supernet: Supernet, arch: ArchConfig) -> VitnasSubnet:
     """Function form of ``Supernet.extract``."""
     return supernet.extract(arch)
+
+
+def source_key(key: str, arch: ArchConfig) -> str:
+    """The supernet parameter that a subnet state-dict key is a slice of.
+
+    A ``share`` cell's ``attn.v`` is the v part of the position's ``attn.qkv``; a linear-attention
+    stage takes its q, k, v from ``attn.linear_qkv`` (its own weights, see the module docstring).
+    """
+    if ".attn.v." in key:
+        key = key.replace(".attn.v.", ".attn.qkv.")
+    if ".attn.qkv." in key and arch.stages[int(key.split(".")[1])].attention == "linear":
+        key = key.replace(".attn.qkv.", ".attn.linear_qkv.")
+    return key
 
 
 def _qkv_slice(weight: Tensor, key: str, shape: torch.Size) -> Tensor:

@@ -50,7 +50,9 @@ class TrainConfig:
     label_smoothing: float = 0.1
     grad_clip: float = 5.0
     random_subnets: int = 2
-    subnet_label_weight: float = 0.0  # hard-label cross-entropy added to the distillation loss of the other subnets
+    subnet_label_weight: float = (
+        0.0  # hard-label cross-entropy added to the distillation loss of the other subnets
+    )
     shift: int = 2  # augmentation: random translation by up to this many pixels
     seed: int = 0
 
@@ -76,6 +78,11 @@ class TrainResult:
     history: list[dict]
     wall_s: float
     run_id: str | None = None
+
+    @property
+    def path(self) -> Path:
+        """The weights file (``supernet.safetensors``), what ``load_checkpoint`` and search take."""
+        return self.checkpoint
 
     @property
     def largest_acc(self) -> float:
@@ -153,6 +160,8 @@ def train_supernet(
     run is logged to MLflow (params, per-epoch curves, the checkpoint path).
     """
     space = load_space(space) if isinstance(space, str) else space
+    if space.family != "psvit":
+        raise UserError(f"space {space.name!r} is family {space.family}: a supernet needs a psvit space")
     splits = data if isinstance(data, Splits) else load_splits(data, space.spec.image_size)
     _check_data(space, splits)
     folder = ckpt.checkpoint_dir(workspace, space)

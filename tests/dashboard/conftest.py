@@ -214,6 +214,18 @@ class StoreTruth:
 
 
 @pytest.fixture(scope="session")
+def app_for():
+    """``running_app``: the app on a store of the test's own."""
+    return running_app
+
+
+@pytest.fixture(scope="session")
+def fill():
+    """``fill_campaign``, for tests that fill a store of their own."""
+    return fill_campaign
+
+
+@pytest.fixture(scope="session")
 def markup() -> tuple[str, str]:
     """The campaign name and the run name (also the target) of ``xss_store_uri``."""
     return XSS, XSS_RUN

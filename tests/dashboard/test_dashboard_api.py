@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import gzip
 import importlib.resources
 import json
@@ -13,11 +14,10 @@ from html.parser import HTMLParser
 from urllib.parse import quote
 
 import pytest
+from nas.dashboards.data import TTLCache, collector_paused, open_client
 from sqlalchemy.engine import make_url
 
 from nas.cli import build_parser
-from nas.dashboards import payloads
-from nas.dashboards.data import TTLCache, open_client
 from nas.errors import UserError
 from nas.search.pareto import best_under_budget
 from nas.tracking import run_url
@@ -102,10 +102,16 @@ def test_trial_detail_draws_the_architecture(app_url, truth, store_uri):
     }
 
 
-def test_mlflow_link_on_a_server_is_the_run_page():
-    assert payloads.mlflow_link("http://mlflow.lab:5000/", "7", "abc") == {
-        "url": run_url("http://mlflow.lab:5000/", "7", "abc")
-    }
+def test_a_server_store_links_every_run_to_its_page(mlflow_server, fill, app_for):
+    """Through a real ``mlflow server``: arch.yaml comes through its artifact proxy, the link is the run page."""
+    campaign = fill(mlflow_server, "dashboard-on-server", "cpu", 2.0, (60.0, 0.1), range(3), failed=False)
+    with app_for(mlflow_server) as url:
+        listed = get_json(f"{url}/api/campaigns")["campaigns"]
+        assert "dashboard-on-server" in [c["name"] for c in listed]
+        run = campaign.trial_runs()[0]
+        detail = get_json(f"{url}/api/trials/{run.run_id}")
+    assert detail["mlflow"] == {"url": run_url(mlflow_server, campaign.experiment_id, run.run_id)}
+    assert detail["arch"]["family"] == "psvit" and detail["arch_hash"] == run.arch_hash
 
 
 def test_compare_lists_the_architectures_both_targets_measured(app_url, truth, targets):
@@ -199,6 +205,15 @@ def test_cache_reloads_only_after_its_ttl():
     assert cache.get("k", load) == 1
     now[0] = 31.0
     assert cache.get("k", load) == 2 and len(loads) == 2
+
+
+def test_collection_resumes_when_the_last_load_ends():
+    assert gc.isenabled()
+    with collector_paused():
+        with collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
 
 
 def test_cli_binds_this_machine_by_default():

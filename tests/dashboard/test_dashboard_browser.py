@@ -142,7 +142,7 @@ def test_campaign_page_in_chromium(browser, cli_app_url, truth, store_uri, targe
     assert page_problems(browser, cli_app_url) == []
 
 
-def test_markup_in_names_is_shown_as_text(browser, xss_app_url, xss_store_uri, markup):
+def test_markup_in_names_is_shown_as_text(browser, xss_app_url, xss_store_uri, markup, tmp_path):
     """Campaign name, run names and target hold markup: every page shows it literally.
 
     (The pages' CSP would also stop inline scripts; the text checks are what prove the escaping.)
@@ -165,6 +165,7 @@ def test_markup_in_names_is_shown_as_text(browser, xss_app_url, xss_store_uri, m
     WebDriverWait(browser, 10).until(lambda d: XSS_RUN in d.find_element(By.CSS_SELECTOR, "#plot .hoverlayer").text)
     click_point(browser, "plot", TRIALS, 0)
     assert browser.find_element(By.ID, "trial-name").text == XSS_RUN
+    browser.save_screenshot(str(tmp_path / "markup.png"))
 
     open_page(browser, f"{xss_app_url}/compare?c={quote(f'{experiment}/{XSS}', safe='')}&c={experiment}/plain")
     assert XSS in browser.find_element(By.ID, "legend").text

@@ -1,9 +1,10 @@
 """Ray fixtures: a real two-node Ray cluster on 127.0.0.1, started with ``ray start`` from the test.
 
 The head offers the custom resource ``hw_head``, the worker ``hw_target``; campaigns target
-``hw_target``, so every trial must run on the worker. Both nodes share one temporary folder of the
-test's own, and teardown ends exactly the processes started under it (their whole process trees),
-by process id: ``ray stop`` would also stop other Ray clusters on this machine.
+``hw_target``, so every trial must run on the worker. Each node has its own temporary folder, as on
+separate machines (sharing one, a worker node's clean-up deletes the job's working directory), all
+under one folder of the test's own; teardown ends exactly the processes started under it (their
+whole process trees), by process id: ``ray stop`` would also stop other Ray clusters on this machine.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class Cluster:
     def add_worker(self, resource: str = TARGET_RESOURCE) -> int:
         port = _free_port()
         _ray("start", f"--address={self.gcs}", "--num-cpus=1", f"--resources={json.dumps({resource: 1})}",
-             "--node-ip-address=127.0.0.1", f"--node-manager-port={port}", f"--temp-dir={self.temp_dir}",
+             "--node-ip-address=127.0.0.1", f"--node-manager-port={port}", f"--temp-dir={self.temp_dir / str(port)}",
              "--disable-usage-stats")  # fmt: skip
         self.workers[port] = resource
         return port
@@ -110,14 +111,19 @@ class Cluster:
         return _ray("job", "submit", f"--address={self.dashboard}", f"--working-dir={REPO}", *no_wait, "--",
                     "python", "runners/campaign.py", *args, timeout=timeout, check=False)  # fmt: skip
 
-    def job_logs(self, job_id: str, timeout: float = 240) -> subprocess.CompletedProcess:
-        """Follow a submitted job to its end."""
-        return _ray(
-            "job", "logs", f"--address={self.dashboard}", "--follow", job_id, timeout=timeout, check=False
-        )
+    def wait_job(self, job_id: str, timeout_s: float = 240) -> tuple[str, str]:
+        """Wait for a submitted job to end: its final status line and its whole log."""
 
-    def job_status(self, job_id: str) -> str:
-        return _ray("job", "status", f"--address={self.dashboard}", job_id).stdout
+        status = wait_for(lambda: self.job_ended(job_id), timeout_s, f"job {job_id} to end", every_s=3)
+        return status, self.job_logs(job_id)
+
+    def job_ended(self, job_id: str) -> str | None:
+        """The final status of the job (SUCCEEDED, FAILED, STOPPED), or None while it runs."""
+        status = _ray("job", "status", f"--address={self.dashboard}", job_id).stdout.upper()
+        return next((s for s in ("SUCCEEDED", "FAILED", "STOPPED") if s in status), None)
+
+    def job_logs(self, job_id: str) -> str:
+        return _ray("job", "logs", f"--address={self.dashboard}", job_id).stdout
 
 
 def _cmdline(pid: int) -> list[str]:
@@ -173,7 +179,7 @@ def ray_cluster() -> Cluster:
     try:
         _ray("start", "--head", f"--port={port}", "--num-cpus=1", f"--resources={json.dumps({HEAD_RESOURCE: 1})}",
              "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats")  # fmt: skip
+             f"--dashboard-port={dash}", f"--temp-dir={temp_dir / 'head'}", "--disable-usage-stats")  # fmt: skip
         cluster.add_worker()
         yield cluster
     finally:

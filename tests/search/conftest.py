@@ -19,8 +19,8 @@ from mlflow.entities import Run
 from optuna.trial import TrialState
 
 from nas.data import load_splits
-from nas.search.campaign import INTERRUPTED, CampaignConfig
-from nas.search.scoring import Scorer, make_scorer
+from nas.search.campaign import INTERRUPTED, CampaignConfig, scorer_for
+from nas.search.scoring import Scorer
 from nas.space import SearchSpace, load_space
 from nas.supernet import Supernet
 from nas.supernet.checkpoint import save_checkpoint
@@ -67,7 +67,13 @@ def write_untrained_checkpoint(space: SearchSpace, folder: Path, seed: int = 0) 
     net = Supernet(space)
     config = TrainConfig(seed=seed)
     splits = load_splits("digits", space.spec.image_size)
-    meta = {"epoch": 0, "config": config.to_dict(), "data": splits.spec.to_dict(), "history": [], "complete": False}
+    meta = {
+        "epoch": 0,
+        "config": config.to_dict(),
+        "data": splits.spec.to_dict(),
+        "history": [],
+        "complete": False,
+    }
     save_checkpoint(folder, net, make_optimizer(net, config), meta)
     return folder
 
@@ -95,14 +101,7 @@ class Tiny:
         ).resolved()
 
     def scorer(self, config: CampaignConfig) -> Scorer:
-        return make_scorer(
-            self.space,
-            target=config.target,
-            workspace=config.workspace,
-            cache_url=config.cache_url,
-            supernet=config.supernet,
-            measure_budget_s=config.measure_budget_s,
-        )
+        return scorer_for(config, self.space)
 
     def search_argv(self, config: CampaignConfig) -> list[str]:
         """``vitnas search`` arguments for the same campaign."""
@@ -115,6 +114,7 @@ class Tiny:
         return argv
 
     def check(self, config: CampaignConfig) -> Records:
+        """``check_campaign``: the records of the campaign agree and its Pareto tags are right."""
         return check_campaign(config)
 
 
@@ -181,7 +181,9 @@ def check_campaign(config: CampaignConfig) -> Records:
     for run in runs:
         trial = trials_by_number[run.trial_number]
         # interrupted between creating its run and recording the run's id: found by number alone
-        assert run.run_id == trial.user_attrs.get("mlflow_run_id", run.run_id if trial.user_attrs.get(INTERRUPTED) else None)
+        assert run.run_id == trial.user_attrs.get(
+            "mlflow_run_id", run.run_id if trial.user_attrs.get(INTERRUPTED) else None
+        )
         assert run.arch_hash == trial.user_attrs["arch_hash"]
         assert run.status == {TrialState.COMPLETE: "FINISHED", TrialState.FAIL: "FAILED"}[trial.state]
         if trial.state == TrialState.COMPLETE:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import random
 
 import yaml
@@ -24,24 +23,26 @@ METRICS = {"val_accuracy", "latency_ms", "latency_p90_ms", "gflops", "params_m"}
 def measured_ms(tiny, arch) -> float:
     target = Target.parse(tiny.target)
     shape = target.input_shape(arch.image_size)
-    return measure(VitnasSubnet(arch), target, input_shape=shape, time_budget_s=tiny.measure_budget_s).median_ms
+    return measure(
+        VitnasSubnet(arch), target, input_shape=shape, time_budget_s=tiny.measure_budget_s
+    ).median_ms
 
 
 def test_campaign_end_to_end_on_an_mlflow_server(mlflow_server, tiny, tmp_path, capsys):
-    # a budget that splits the space: halfway (log scale) between its smallest and largest member
+    # a budget that most members meet, not all: 3/4 of the way (log scale) from the smallest to the largest
     small, large = (measured_ms(tiny, a) for a in (tiny.space.smallest(), tiny.space.largest()))
-    budget = round(math.sqrt(small * large), 4)
+    budget = round(small**0.25 * large**0.75, 4)
     name = f"e2e-{tmp_path.name}"
-    config = tiny.config(tmp_path, name, 8, tracking_uri=mlflow_server, latency_budget_ms=budget)
+    config = tiny.config(tmp_path, name, 6, tracking_uri=mlflow_server, latency_budget_ms=budget)
     scorer = tiny.scorer(config)
     result = run_campaign(config, tiny.space, scorer, progress=False)
 
-    assert (result.finished, result.failed, result.ran_now) == (8, 0, 8)
+    assert (result.finished, result.failed, result.ran_now) == (6, 0, 6)
     records = tiny.check(config)
     client = MlflowClient(mlflow_server)
     parent = records.parent
     assert parent.info.run_id == result.parent_run_id and parent.info.status == "FINISHED"
-    assert parent.data.params["trials"] == "8" and parent.data.params["space"] == "tiny"
+    assert parent.data.params["trials"] == "6" and parent.data.params["space"] == "tiny"
     assert parent.data.tags["fingerprint"] == scorer.fingerprint.digest()
     assert parent.data.tags["supernet_hash"] == scorer.weights_hash
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -70,10 +71,10 @@ def test_campaign_end_to_end_on_an_mlflow_server(mlflow_server, tiny, tmp_path, 
     assert {int(r.data.tags["trial_number"]) for r in found} == tagged
     assert {r["trial_number"] for r in result.front} == tagged
     best = [r.trial_number for r in records.runs if r.tags["best_under_budget"] == "true"]
-    assert [result.best_under_budget["trial_number"]] == best
+    assert len(best) == 1 and [result.best_under_budget["trial_number"]] == best
     with open(client.download_artifacts(parent.info.run_id, "pareto.csv", str(tmp_path))) as f:
         rows = list(csv.DictReader(f))
-    assert sorted(int(r["trial_number"]) for r in rows) == list(range(8))
+    assert sorted(int(r["trial_number"]) for r in rows) == list(range(6))
     assert {int(r["trial_number"]) for r in rows if r["pareto"] == "True"} == tagged
     capsys.readouterr()
     argv = ["pareto", "--campaign", name, "--tracking-uri", mlflow_server, "--latency-budget-ms", str(budget)]
@@ -82,12 +83,17 @@ def test_campaign_end_to_end_on_an_mlflow_server(mlflow_server, tiny, tmp_path, 
 
 
 class ParamsPredictor:
-    """Honest about what it is: latency proportional to the parameter count, scaled by one measurement."""
+    """Honest about what it is: latency proportional to the parameter count, scaled to err on the slow
+    side (1.5x the larger ms per parameter of the smallest and the largest member, as measured here).
+
+    A predictor that errs fast would send the front's candidates one after another to be measured
+    (each measured one falls back behind unmeasured ones), until few are left unmeasured.
+    """
 
     def __init__(self, tiny, fingerprint):
         self.fingerprint = fingerprint
-        largest = tiny.space.largest()
-        self.ms_per_param = measured_ms(tiny, largest) / self.params(largest)
+        extremes = (tiny.space.smallest(), tiny.space.largest())
+        self.ms_per_param = 1.5 * max(measured_ms(tiny, a) / self.params(a) for a in extremes)
 
     @staticmethod
     def params(arch) -> int:
@@ -98,17 +104,19 @@ class ParamsPredictor:
 
 
 def test_predicted_far_over_budget_is_not_measured_and_the_front_is(sqlite_tracking_uri, tiny, tmp_path):
-    config = tiny.config(tmp_path, "predicted", 12, tracking_uri=sqlite_tracking_uri)
+    config = tiny.config(tmp_path, "predicted", 10, tracking_uri=sqlite_tracking_uri)
     scorer = tiny.scorer(config)
     scorer.predictor = ParamsPredictor(tiny, scorer.fingerprint)
-    # the 30th percentile of the predictions: most candidates are predicted over this budget
+    # the 10th percentile of the predictions: most candidates are predicted far over this budget
     predictions = sorted(scorer.predict(tiny.space.sample(random.Random(i))) for i in range(40))
-    config = CampaignConfig(**{**config.__dict__, "latency_budget_ms": round(predictions[12], 4)})
+    config = CampaignConfig(**{**config.__dict__, "latency_budget_ms": round(predictions[4], 4)})
     run_campaign(config, tiny.space, scorer, progress=False)
 
     runs = tiny.check(config).runs
     client = MlflowClient(sqlite_tracking_uri)
-    far = [r for r in runs if r.metrics["predicted_latency_ms"] > config.latency_budget_ms * (1 + BUDGET_MARGIN)]
+    far = [
+        r for r in runs if r.metrics["predicted_latency_ms"] > config.latency_budget_ms * (1 + BUDGET_MARGIN)
+    ]
     for run in far:
         # as a candidate, the prediction stood in; measured only if it reached the front after that
         history = sorted(client.get_metric_history(run.run_id, "latency_ms"), key=lambda m: m.timestamp)

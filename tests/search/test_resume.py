@@ -20,7 +20,7 @@ from nas.cli import main
 from nas.search.campaign import INTERRUPTED, run_campaign
 from nas.tracking import Campaign
 
-TRIALS = 6
+TRIALS = 4
 
 
 def start(tiny, config, log: Path) -> subprocess.Popen:
@@ -57,7 +57,9 @@ def interrupt_mid_trial(proc: subprocess.Popen, config, sig: int, log: Path, tim
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"vitnas search exited ({proc.returncode}) before it could be interrupted:\n{log.read_text()}")
+            pytest.fail(
+                f"vitnas search exited ({proc.returncode}) before it could be interrupted:\n{log.read_text()}"
+            )
         states = trial_states(config)
         if sum(s == "COMPLETE" for _, s, _ in states) >= 2 and any(s == "RUNNING" for _, s, _ in states):
             proc.send_signal(signal.SIGSTOP)
@@ -74,7 +76,9 @@ def interrupt_mid_trial(proc: subprocess.Popen, config, sig: int, log: Path, tim
 
 def resume(tiny, config):
     """The same command again, to the end; then the campaign's records, checked."""
-    done = subprocess.run([sys.executable, "-m", "nas.cli", *tiny.search_argv(config)], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "nas.cli", *tiny.search_argv(config)], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     records = tiny.check(config)
     assert sum(t.state == TrialState.COMPLETE for t in records.trials) == config.trials
@@ -123,9 +127,11 @@ def test_ctrl_c_stops_cleanly_and_resumes(tiny, campaign, tmp_path):
 
 
 @pytest.mark.parametrize("where", ["trial_run", "finish_trial", "tell"])
-def test_ctrl_c_anywhere_in_a_trial_leaves_consistent_records(tiny, tmp_path, sqlite_tracking_uri, monkeypatch, where):
+def test_ctrl_c_anywhere_in_a_trial_leaves_consistent_records(
+    tiny, tmp_path, sqlite_tracking_uri, monkeypatch, where
+):
     """Ctrl-C right after the second trial's run is created, its run finished, or its result told to Optuna."""
-    config = tiny.config(tmp_path, f"ctrl-c-{where}", 3, tracking_uri=sqlite_tracking_uri)
+    config = tiny.config(tmp_path, f"ctrl-c-{where}", 2, tracking_uri=sqlite_tracking_uri)
     owner = optuna.Study if where == "tell" else Campaign
     original, calls = getattr(owner, where), []
 
@@ -146,7 +152,7 @@ def test_ctrl_c_anywhere_in_a_trial_leaves_consistent_records(tiny, tmp_path, sq
     monkeypatch.setattr(owner, where, original)
     run_campaign(config, tiny.space, scorer, progress=False)
     records = tiny.check(config)
-    assert sum(t.state == TrialState.COMPLETE for t in records.trials) == 3
+    assert sum(t.state == TrialState.COMPLETE for t in records.trials) == 2
 
 
 def test_campaign_name_is_bound_to_its_space_and_target(tiny, tmp_path, sqlite_tracking_uri, capsys):

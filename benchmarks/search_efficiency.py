@@ -1,0 +1,327 @@
+"""Search efficiency on psvit-digits: hypervolume per sampler, and where a trial's time goes.
+
+NSGA-II, TPE and random search run the same budget of trials (default 40) with the same seeds,
+interleaved (seed by seed, the three samplers in turn) so that machine drift hits them alike. Each
+campaign is a real one (``run_campaign``: Optuna on sqlite, MLflow on sqlite, subnets evaluated with
+the supernet's weights, FLOPs by fvcore, latency measured on the target).
+
+- Hypervolume of (accuracy max, latency min) after n trials, with one reference point for every
+  run: accuracy 0 and 1.1 x the largest latency any run observed.
+- One latency cache is shared by all runs: each architecture is measured once on this machine, the
+  first time any run proposes it, and every run sees the same latency for it. That keeps the
+  sampler comparison free of measurement noise; it also means the measure column below counts
+  first measurements only.
+- The time of each trial (``_run_trial`` plus the progress note after it) is split into the
+  scorer's own timings (evaluate, cost = FLOPs and params, measure) and the rest, which is tracking
+  and storage (Optuna ask/tell, MLflow run, params, metrics, tags, arch.yaml, latency-cache lookup).
+  Trials whose architecture the run had already scored (no evaluation at all) are counted apart.
+
+    python benchmarks/search_efficiency.py --supernet PATH   # full run (~10 min; ~5 more to train one)
+    python benchmarks/search_efficiency.py --quick           # a short smoke run
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see benchmarks/token_ops.py (before torch loads)
+
+import argparse
+import gc
+import json
+import logging
+import platform
+import statistics
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import mlflow
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from nas.search import campaign
+from nas.search.campaign import CampaignConfig, run_campaign, scorer_for
+from nas.search.pareto import hypervolume
+from nas.space import load_space
+from nas.supernet import checkpoint as ckpt
+from nas.supernet.train import TrainConfig, train_supernet
+
+SPACE = "psvit-digits"
+SAMPLERS = ("nsga2", "tpe", "random")
+RESULT = Path(__file__).parent / "results" / "search_efficiency.json"
+PHASES = ("evaluate", "cost", "measure", "tracking")
+
+
+@dataclass
+class TrialTime:
+    wall: float
+    evaluate: float
+    cost: float
+    measure: float
+    kind: str  # "scored"; "rescored": the run had scored this architecture before; "failed"
+
+    @property
+    def tracking(self) -> float:
+        return self.wall - self.evaluate - self.cost - self.measure
+
+
+@contextmanager
+def clocked(scorer):
+    """Record every trial's wall time and its score's timings while a campaign runs."""
+    times: list[TrialTime] = []
+    last: dict = {}
+    run_trial, note, score = campaign._run_trial, campaign._progress_note, scorer.score
+
+    def timed_score(*args, **kwargs):
+        last["score"] = result = score(*args, **kwargs)
+        return result
+
+    def timed_trial(*args, **kwargs):
+        last.clear()
+        t0 = time.perf_counter()
+        run_trial(*args, **kwargs)
+        s = last.get("score")
+        timings = {} if s is None else s.timings
+        kind = "failed" if s is None else "scored" if timings else "rescored"
+        times.append(
+            TrialTime(
+                time.perf_counter() - t0,
+                timings.get("evaluate", 0.0),
+                timings.get("cost", 0.0),
+                timings.get("measure", 0.0),
+                kind,
+            )  # fmt: skip
+        )
+
+    def timed_note(*args, **kwargs):
+        t0 = time.perf_counter()
+        text = note(*args, **kwargs)
+        times[-1].wall += time.perf_counter() - t0
+        return text
+
+    campaign._run_trial, campaign._progress_note, scorer.score = timed_trial, timed_note, timed_score
+    try:
+        yield times
+    finally:
+        campaign._run_trial, campaign._progress_note = run_trial, note
+        del scorer.score
+
+
+def supernet(args, space) -> tuple[Path, dict]:
+    """The checkpoint given, or one trained here (kept in the workspace and reused next time)."""
+    if args.supernet:
+        return Path(args.supernet), ckpt.read_meta(args.supernet)
+    folder = ckpt.checkpoint_dir(args.workspace, space)
+    resume = (folder / ckpt.SIDECAR).is_file()
+    print(f"training a supernet for {args.supernet_epochs} epochs into {folder} (resume={resume})")
+    train_supernet(space, "digits", args.workspace, TrainConfig(epochs=args.supernet_epochs),
+                   resume=resume, progress=False)  # fmt: skip
+    return folder, ckpt.read_meta(folder)
+
+
+def run_one(args, space, checkpoint: Path, workspace: Path, sampler: str, seed: int) -> dict:
+    config = CampaignConfig(
+        name=f"{sampler}-seed{seed}",
+        space=space.source,
+        target=args.target,
+        trials=args.trials,
+        workspace=str(workspace),
+        supernet=str(checkpoint),
+        sampler=sampler,
+        seed=seed,
+        cache_url=f"sqlite:///{workspace / 'latency-cache.sqlite'}",  # shared by every run
+        measure_budget_s=args.measure_budget_s,
+    ).resolved()
+    t0 = time.perf_counter()
+    scorer = scorer_for(config, space)
+    with clocked(scorer) as times:
+        result = run_campaign(config, space, scorer, progress=False)
+    wall = time.perf_counter() - t0
+    study = optuna.load_study(study_name=config.name, storage=config.storage)
+    done = sorted(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.number)
+    return {
+        "sampler": sampler,
+        "seed": seed,
+        "points": [list(t.values) for t in done],  # (accuracy, latency ms) in trial order
+        "distinct_archs": len({t.user_attrs["arch_hash"] for t in done}),
+        "failed": result.failed,
+        "front_size": len(result.front),
+        "wall_s": wall,
+        "outside_trials_s": wall - sum(t.wall for t in times),  # set-up, final tagging and artifacts
+        "trials": [{**vars(t), "tracking": t.tracking} for t in times],
+    }
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Median, 10th/90th percentiles (inclusive method) and the extremes."""
+    deciles = statistics.quantiles(values, n=10, method="inclusive") if len(values) > 1 else values * 9
+    return {"median": statistics.median(values), "p10": deciles[0], "p90": deciles[-1],
+            "min": min(values), "max": max(values)}  # fmt: skip
+
+
+def summarise(runs: list[dict], trials: int) -> dict:
+    reference = (0.0, 1.1 * max(p[1] for r in runs for p in r["points"]))
+    marks = sorted({max(1, trials * k // 4) for k in range(1, 5)})
+    for r in runs:
+        r["hypervolume"] = {n: hypervolume(r["points"][:n], ("max", "min"), reference) for n in marks}
+    by_sampler = {}
+    for sampler in dict.fromkeys(r["sampler"] for r in runs):
+        mine = [r for r in runs if r["sampler"] == sampler]
+        by_sampler[sampler] = {
+            "hypervolume": {n: spread([r["hypervolume"][n] for r in mine]) for n in marks},
+            "best_accuracy": spread([max(p[0] for p in r["points"]) for r in mine]),
+            "distinct_archs": spread([r["distinct_archs"] for r in mine]),
+            "front_size": spread([r["front_size"] for r in mine]),
+        }
+    every = [t for r in runs for t in r["trials"]]
+    scored = [t for t in every if t["kind"] == "scored"]
+    rescored = [t["wall"] for t in every if t["kind"] == "rescored"]
+    measured = [t for t in scored if t["measure"] > 0]
+    timing = {
+        "trials": len(every),
+        "scored": len(scored),
+        "rescored": len(rescored),
+        "failed": sum(t["kind"] == "failed" for t in every),
+        "measured_first_time": len(measured),
+        "seconds_per_trial": {p: spread([t[p] for t in scored]) for p in (*PHASES, "wall")},
+        "measure_when_measured_s": spread([t["measure"] for t in measured]) if measured else None,
+        "tracking_share": spread([t["tracking"] / t["wall"] for t in scored]),
+        "tracking_share_overall": sum(t["tracking"] for t in scored) / sum(t["wall"] for t in scored),
+        "rescored_trial_wall_s": spread(rescored) if rescored else None,
+        "outside_trials_s_per_run": spread([r["outside_trials_s"] for r in runs]),
+    }
+    return {"reference_point": reference, "marks": marks, "by_sampler": by_sampler, "timing": timing}
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    t0 = time.perf_counter()
+    gc.collect()  # what measure() pays before each measurement in a process this full
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "optuna": optuna.__version__,
+        "mlflow": mlflow.__version__,
+        "python": platform.python_version(),
+        "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+        "load_average": os.getloadavg(),
+        "full_gc_collect_s": time.perf_counter() - t0,
+    }
+
+
+def print_tables(summary: dict, seeds: int) -> None:
+    marks = summary["marks"]
+    print(f"\nhypervolume (reference: accuracy 0, latency {summary['reference_point'][1]:.3f} ms), "
+          f"median [min, max] over {seeds} seed(s)")  # fmt: skip
+    print(
+        f"{'sampler':<8}"
+        + "".join(f"{'HV@' + str(n):>22}" for n in marks)
+        + f"{'best acc':>10}{'distinct':>10}"
+    )
+    for sampler, s in summary["by_sampler"].items():
+        cells = "".join(
+            f"{h['median']:>10.4f} [{h['min']:.3f},{h['max']:.3f}]"
+            for h in (s["hypervolume"][n] for n in marks)
+        )
+        print(
+            f"{sampler:<8}{cells}{s['best_accuracy']['median']:>10.4f}{s['distinct_archs']['median']:>10.0f}"
+        )
+    t = summary["timing"]
+    again = t["rescored_trial_wall_s"]
+    print(f"\ntime per trial: {t['scored']} trials scored ({t['measured_first_time']} measured, the rest found in "
+          f"the cache); {t['rescored']} re-proposed a scored architecture"
+          + (f" (median {again['median'] * 1e3:.0f} ms each)" if again else ""))  # fmt: skip
+    print(f"{'phase':<18}{'median s':>10}{'p90 s':>10}")
+    names = {
+        "evaluate": "evaluate",
+        "cost": "cost (flops)",
+        "measure": "measure",
+        "tracking": "tracking+storage",
+    }
+    for phase in (*PHASES, "wall"):
+        row = t["seconds_per_trial"][phase]
+        print(f"{names.get(phase, 'trial wall'):<18}{row['median']:>10.3f}{row['p90']:>10.3f}")
+    if t["measure_when_measured_s"]:
+        print(f"measure, when measured: median {t['measure_when_measured_s']['median']:.3f} s")
+    share = t["tracking_share"]
+    print(f"tracking+storage share of a trial: median {share['median']:.1%}, p90 {share['p90']:.1%}, "
+          f"overall {t['tracking_share_overall']:.1%}")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--supernet", help="psvit-digits supernet checkpoint (default: train one)")
+    parser.add_argument(
+        "--supernet-epochs",
+        type=int,
+        default=TrainConfig.epochs,
+        help="when training one (default %(default)s)",
+    )
+    parser.add_argument("--trials", type=int, default=40)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS))
+    parser.add_argument("--target", default="cpu:threads=1,batch=1")
+    parser.add_argument("--measure-budget-s", type=float, default=0.3)
+    parser.add_argument("--workspace", type=Path, default=Path("vitnas-runs/benchmarks"))
+    parser.add_argument("--out", type=Path, default=RESULT)
+    parser.add_argument("--quick", action="store_true", help="8 trials, 1 seed, 1-epoch supernet")
+    args = parser.parse_args()
+    if args.quick:
+        args.trials, args.seeds, args.supernet_epochs = 8, 1, 1
+        args.workspace = args.workspace / "quick"
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+    started = datetime.now(timezone.utc)
+    space = load_space(SPACE)
+    checkpoint, meta = supernet(args, space)
+    workspace = args.workspace / f"search-efficiency-{started:%Y%m%dT%H%M%S}"  # fresh stores and cache
+    runs = []
+    for seed in range(args.seeds):
+        for sampler in args.samplers:
+            runs.append(run_one(args, space, checkpoint, workspace, sampler, seed))
+            r = runs[-1]
+            print(f"{sampler:<7} seed {seed}: {len(r['points'])} trials in {r['wall_s']:.0f} s, "
+                  f"{r['distinct_archs']} distinct, front {r['front_size']}", flush=True)  # fmt: skip
+    summary = summarise(runs, args.trials)
+    print_tables(summary, args.seeds)
+    history = meta.get("history") or [{}]
+    result = {
+        "benchmark": "search_efficiency",
+        "date": started.isoformat(timespec="seconds"),
+        "wall_s": (datetime.now(timezone.utc) - started).total_seconds(),
+        "machine": machine(),
+        "settings": {
+            "space": SPACE,
+            "trials": args.trials,
+            "seeds": args.seeds,
+            "samplers": args.samplers,
+            "target": args.target,
+            "measure_budget_s": args.measure_budget_s,
+            "supernet": str(checkpoint),
+            "supernet_epochs": meta.get("epoch"),
+            "supernet_val_acc_largest": history[-1].get("val_acc_largest"),
+            "supernet_val_acc_smallest": history[-1].get("val_acc_smallest"),
+            "latency_cache": "one sqlite cache shared by all runs: each architecture measured once",
+            "order": "seed by seed, samplers in turn (interleaved)",
+        },
+        "summary": summary,
+        "runs": runs,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Does the supernet rank architectures as training them would? The trust number of the platform.
+
+Picks subnets of ``psvit-digits`` spread evenly over FLOPs (fvcore counts through
+``nas.hardware.flops``, on the extracted stand-alone subnet), scores each by its validation accuracy
+with weights inherited from a trained supernet, trains each from scratch with one equal budget
+(same epochs, recipe and seed), and reports Kendall's tau and Spearman's rho between the two
+accuracies, with the table. Stand-alone trainings run two at a time, one thread each.
+
+    python benchmarks/supernet_ranking.py                          # trains the supernet first if needed
+    python benchmarks/supernet_ranking.py --checkpoint vitnas-runs/supernet/psvit-digits/supernet.safetensors
+    python benchmarks/supernet_ranking.py --quick                  # smoke run: 8 subnets, 3 epochs each
+
+Results go to ``benchmarks/results/supernet_ranking.json`` (``--quick`` writes ``..._quick.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import time
+from concurrent.futures import ProcessPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from scipy import stats
+
+from nas.arch import ArchConfig, arch_from_dict
+from nas.data import augment, load_splits, make_loader
+from nas.evaluation import classification_accuracy
+from nas.hardware.flops import flops
+from nas.space import load_space
+from nas.supernet import TrainConfig, VitnasSubnet, evaluate, load_checkpoint, train_supernet
+from nas.supernet.checkpoint import SIDECAR, checkpoint_dir
+from nas.supernet.train import lr_at, make_optimizer, stream_seed
+
+RESULTS = Path(__file__).parent / "results"
+SPACE = "psvit-digits"
+
+
+def pick_spread(space, n: int, pool: int, seed: int) -> list[tuple[ArchConfig, int]]:
+    """``n`` members at evenly spaced FLOPs quantiles of a random pool (largest and smallest included)."""
+    rng = random.Random(seed)
+    x = torch.randn(1, 3, space.spec.image_size, space.spec.image_size)
+    candidates = {
+        a.arch_hash(): a
+        for a in [space.largest(), space.smallest()] + [space.sample(rng) for _ in range(pool)]
+    }
+    scored = sorted(((flops(VitnasSubnet(a).eval(), x), a) for a in candidates.values()), key=lambda t: t[0])
+    picks = sorted({round(i * (len(scored) - 1) / (n - 1)) for i in range(n)})
+    return [(scored[i][1], scored[i][0]) for i in picks]
+
+
+def train_standalone(arch_dict: dict, epochs: int, seed: int) -> dict:
+    """Train one subnet from scratch (the supernet's recipe without the sandwich); val accuracy."""
+    torch.set_num_threads(1)
+    arch = arch_from_dict(arch_dict)
+    splits = load_splits("digits", arch.image_size)
+    config = TrainConfig(epochs=epochs, seed=seed, random_subnets=0)
+    torch.manual_seed(seed)
+    model = VitnasSubnet(arch)
+    optimizer = make_optimizer(model, config)
+    steps = len(splits.train) // config.batch_size
+    total, warmup = epochs * steps, round(config.warmup_epochs * steps)
+    t0 = time.perf_counter()
+    for epoch in range(epochs):
+        loader = make_loader(
+            splits.train, config.batch_size, True, stream_seed(seed, epoch, "order"), drop_last=True
+        )
+        shifts = torch.Generator().manual_seed(stream_seed(seed, epoch, "augment"))
+        for i, (x, y) in enumerate(loader):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(epoch * steps + i, total, warmup, config)
+            loss = F.cross_entropy(
+                model(augment(x, shifts, config.shift)), y, label_smoothing=config.label_smoothing
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+    result = classification_accuracy(model, splits.val)
+    return {"standalone_acc": result["accuracy"], "standalone_s": time.perf_counter() - t0}
+
+
+def ensure_supernet(checkpoint: str | None, workspace: Path, epochs: int | None) -> Path:
+    if checkpoint:
+        return Path(checkpoint)
+    space = load_space(SPACE)
+    folder = checkpoint_dir(workspace, space)
+    if (folder / SIDECAR).is_file():
+        print(f"using the supernet in {folder}")
+        return folder
+    config = TrainConfig() if epochs is None else TrainConfig(epochs=epochs)
+    print(f"training the supernet of {SPACE} ({config.epochs} epochs) into {folder}")
+    return train_supernet(space, "digits", workspace, config, progress=True).checkpoint
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--checkpoint", help="a trained psvit-digits supernet (default: train one in --workspace)"
+    )
+    parser.add_argument(
+        "--workspace", default="vitnas-runs/bench-ranking", help="where a supernet is trained if needed"
+    )
+    parser.add_argument(
+        "--supernet-epochs", type=int, help="when training the supernet here (default: TrainConfig's)"
+    )
+    parser.add_argument("--subnets", type=int, default=10, help="subnets compared (default %(default)s)")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=25,
+        help="stand-alone training epochs, equal for all (default %(default)s)",
+    )
+    parser.add_argument("--pool", type=int, default=60, help="random members to pick the FLOPs spread from")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--workers", type=int, default=2, help="parallel stand-alone trainings (one thread each)"
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run: 8 subnets, 3 epochs, small pool")
+    args = parser.parse_args()
+    if args.quick:
+        args.subnets, args.epochs, args.pool = 8, 3, 16
+    t_start = time.perf_counter()
+    path = ensure_supernet(args.checkpoint, Path(args.workspace), args.supernet_epochs)
+    net, meta = load_checkpoint(path)
+    net.eval()
+    space = net.space
+    splits = load_splits("digits", space.spec.image_size)
+    picked = pick_spread(space, args.subnets, args.pool, args.seed)
+    rows = []
+    for arch, fl in picked:
+        got = evaluate(net, arch, splits.val)
+        rows.append(
+            {
+                "arch_hash": arch.arch_hash(),
+                "mflops": fl / 1e6,
+                "params_k": sum(p.numel() for p in VitnasSubnet(arch, device="meta").parameters()) / 1e3,
+                "inherited_acc": got.accuracy,
+                "arch": arch.to_dict(),
+            }
+        )
+    print(
+        f"training {len(rows)} subnets from scratch, {args.epochs} epochs each, {args.workers} at a time ..."
+    )
+    with ProcessPoolExecutor(args.workers) as pool:
+        futures = [pool.submit(train_standalone, row["arch"], args.epochs, args.seed) for row in rows]
+        for row, future in zip(rows, futures):
+            row.update(future.result())
+    inherited = [r["inherited_acc"] for r in rows]
+    standalone = [r["standalone_acc"] for r in rows]
+    tau, rho = stats.kendalltau(inherited, standalone), stats.spearmanr(inherited, standalone)
+    print(table(rows))
+    print(
+        f"Kendall tau {tau.statistic:.3f} (p {tau.pvalue:.3g})   Spearman rho {rho.statistic:.3f} (p {rho.pvalue:.3g})"
+    )
+    out = RESULTS / ("supernet_ranking_quick.json" if args.quick else "supernet_ranking.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "benchmark": "supernet_ranking",
+        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "space": space.name,
+        "supernet": {
+            "checkpoint": str(path),
+            "epoch": meta["epoch"],
+            "config": meta["config"],
+            "final": meta["history"][-1] if meta["history"] else None,
+        },
+        "selection": {
+            "by": "fvcore FLOPs (nas.hardware.flops) of the extracted subnet, batch 1",
+            "pool": args.pool,
+            "subnets": len(rows),
+            "seed": args.seed,
+        },
+        "standalone": {
+            "epochs": args.epochs,
+            "recipe": TrainConfig(epochs=args.epochs, random_subnets=0).to_dict(),
+            "split": "val",
+        },
+        "kendall_tau": tau.statistic,
+        "kendall_p": tau.pvalue,
+        "spearman_rho": rho.statistic,
+        "spearman_p": rho.pvalue,
+        "rows": rows,
+        "wall_s": time.perf_counter() - t_start,
+    }
+    out.write_text(json.dumps(report, indent=2, default=_json_default))
+    print(f"wrote {out} ({report['wall_s']:.0f} s)")
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"{'arch':<17}{'MFLOPs':>8}{'params k':>10}{'inherited':>11}{'stand-alone':>13}"]
+    for r in sorted(rows, key=lambda r: r["mflops"]):
+        lines.append(
+            f"{r['arch_hash']:<17}{r['mflops']:>8.2f}{r['params_k']:>10.1f}"
+            f"{r['inherited_acc']:>11.4f}{r['standalone_acc']:>13.4f}"
+        )
+    return "\n".join(lines)
+
+
+def _json_default(value):
+    return None if isinstance(value, float) and math.isnan(value) else str(value)
+
+
+if __name__ == "__main__":
+    main()
