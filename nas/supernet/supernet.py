@@ -159,10 +159,14 @@ class Supernet(nn.Module):
         return blocks.forward_logits(arch, blocks.ParamTree(self.sliced_state(arch)), x)
 
     def extract(self, arch: ArchConfig) -> VitnasSubnet:
-        """A stand-alone ``VitnasSubnet`` holding copies of ``arch``'s slices (same outputs)."""
-        sliced = self.sliced_state(arch)
-        net = VitnasSubnet(arch, device="meta").to_empty(device=self.head.weight.device)
-        net.load_state_dict({k: v.detach().clone() for k, v in sliced.items()})
+        """A stand-alone ``VitnasSubnet`` holding copies of ``arch``'s slices (same outputs).
+
+        Its parameters are ordinary trainable tensors even when called under ``inference_mode``.
+        """
+        with torch.inference_mode(False), torch.no_grad():
+            sliced = self.sliced_state(arch)
+            net = VitnasSubnet(arch, device="meta").to_empty(device=self.head.weight.device)
+            net.load_state_dict({k: v.detach().clone() for k, v in sliced.items()})
         return net.train(self.training)
 
     def largest(self) -> ArchConfig:

@@ -3,8 +3,8 @@ Cai et al. 2020).
 
 Every step trains, on one batch, the largest subnet (cross-entropy with label smoothing), the
 smallest and ``random_subnets`` random ones (soft cross-entropy against the largest subnet's
-detached probabilities), sums their gradients into the shared weights, clips and takes one AdamW
-step. The learning rate warms up linearly, then follows a cosine down to ``min_lr``.
+detached probabilities, plus ``subnet_label_weight`` times the hard-label cross-entropy), sums
+their gradients into the shared weights, clips and takes one AdamW step. The learning rate warms up linearly, then follows a cosine down to ``min_lr``.
 
 Determinism: every random stream of an epoch (loader order, augmentation shifts, subnet draws) is
 seeded from ``(seed, epoch)`` alone, and checkpoints fall on epoch boundaries with the optimizer
@@ -39,20 +39,21 @@ from nas.supernet.supernet import Supernet, space_hash
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyperparameters; the defaults train psvit-digits in about five minutes on two CPU cores."""
+    """Hyperparameters. The defaults train psvit-digits in five to six minutes on two quiet CPU cores
+    (about 5 s an epoch) to about 98% (largest) and 83% (smallest) validation accuracy."""
 
-    epochs: int = 12
+    epochs: int = 60
     batch_size: int = 64
-    lr: float = 2e-3
+    lr: float = 1e-3
     min_lr: float = 1e-5
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
     grad_clip: float = 5.0
     random_subnets: int = 2
-    subnet_label_weight: float = (
-        0.0  # hard-label cross-entropy added to the distillation loss of the other subnets
-    )
+    # weight of the hard-label cross-entropy added to the other subnets' distillation loss (OFA
+    # uses both); it lifts the small subnets while the largest is still a poor teacher
+    subnet_label_weight: float = 1.0
     shift: int = 2  # augmentation: random translation by up to this many pixels
     seed: int = 0
 
@@ -170,7 +171,7 @@ def train_supernet(
     optimizer = make_optimizer(net, config)
     start, history = 0, []
     if resume:
-        start, history = _restore(folder, net, optimizer, splits.spec, config)
+        start, history = _restore(folder, net, optimizer, splits.spec, config, log)
     elif (folder / ckpt.SIDECAR).is_file() and not force:
         meta = ckpt.read_meta(folder)
         raise UserError(
@@ -249,7 +250,7 @@ def _fit(
             path = ckpt.save_checkpoint(folder, net, optimizer, meta)
             run.epoch(history[-1])
             rec = history[-1]
-            bar.write(
+            (bar.write if progress else log)(
                 f"epoch {epoch + 1}/{config.epochs}: loss {rec['train_loss']:.4f}  val acc largest "
                 f"{rec['val_acc_largest']:.4f} smallest {rec['val_acc_smallest']:.4f}  ({rec['seconds']:.1f} s)"
             )
@@ -294,7 +295,7 @@ def _check_data(space: SearchSpace, splits: Splits) -> None:
 
 
 def _restore(
-    folder: Path, net: Supernet, optimizer, data: DataSpec, config: TrainConfig
+    folder: Path, net: Supernet, optimizer, data: DataSpec, config: TrainConfig, log
 ) -> tuple[int, list[dict]]:
     """Weights, optimizer state, epoch and history of the checkpoint in ``folder``, after checking
     that it is the same space, data and settings (epochs may grow)."""
@@ -310,6 +311,11 @@ def _restore(
     if changed:
         raise UserError(
             f"{folder}: resume continues with the checkpoint's settings; these differ: {', '.join(changed)}"
+        )
+    if meta["config"]["epochs"] != config.epochs:
+        log(
+            f"{folder}: the checkpoint planned {meta['config']['epochs']} epochs, continuing to {config.epochs} "
+            "(the learning-rate schedule stretches from here on)"
         )
     loaded, _ = ckpt.load_checkpoint(folder, net.space)
     net.load_state_dict(loaded.state_dict())

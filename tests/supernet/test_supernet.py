@@ -227,3 +227,12 @@ def test_ops_and_arch_agree_on_token_counts():
         assert clamp_r(10_000, m + 1) == tome_max_r(m)
         for keep in (0.1, 0.25, 0.3, 0.5, 0.6, 0.7, 0.75, 0.9, 1.0):
             assert evit_keep(m, keep) == kept_tokens(keep, m), (m, keep)
+
+
+def test_extracting_under_inference_mode_gives_a_trainable_subnet():
+    space = load_space("psvit-digits")
+    net = Supernet(space)
+    with torch.inference_mode():
+        sub = net.extract(space.smallest())
+    sub(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(p.grad is not None for p in sub.parameters())

@@ -67,6 +67,13 @@ def splits():
     )
 
 
+@pytest.fixture(scope="module")
+def trained(space, splits, tmp_path_factory):
+    """One epoch of training in a workspace the tests below only read."""
+    ws = tmp_path_factory.mktemp("trained")
+    return _train(space, splits, ws, TrainConfig(epochs=1, batch_size=16, seed=1)), ws
+
+
 def _train(space, splits, ws, config=FAST, **kw):
     return train_supernet(space, splits, ws, config, progress=False, log=lambda _: None, **kw)
 
@@ -94,9 +101,9 @@ def test_resume_after_a_stop_equals_an_unbroken_run(space, splits, tmp_path):
     assert m2["space"]["name"] == "tiny-train" and m2["data"]["kind"] == "digits" and m2["complete"]
 
 
-def test_checkpoint_is_self_describing_safetensors(space, splits, tmp_path):
-    result = _train(space, splits, tmp_path, TrainConfig(epochs=1, batch_size=16, seed=1))
-    assert result.checkpoint == tmp_path / "supernet" / "tiny-train" / WEIGHTS
+def test_checkpoint_is_self_describing_safetensors(space, splits, trained):
+    result, ws = trained
+    assert result.checkpoint == ws / "supernet" / "tiny-train" / WEIGHTS
     meta = json.loads((result.checkpoint.parent / SIDECAR).read_text())
     assert {
         "space",
@@ -114,13 +121,15 @@ def test_checkpoint_is_self_describing_safetensors(space, splits, tmp_path):
     state = load_file(result.checkpoint)
     assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
     with pytest.raises(UserError, match="--resume"):
-        _train(space, splits, tmp_path, TrainConfig(epochs=1, batch_size=16, seed=1))
+        _train(space, splits, ws, TrainConfig(epochs=1, batch_size=16, seed=1))
     with pytest.raises(UserError, match="settings; these differ: lr"):
-        _train(space, splits, tmp_path, TrainConfig(epochs=2, batch_size=16, seed=1, lr=1e-2), resume=True)
+        _train(space, splits, ws, TrainConfig(epochs=2, batch_size=16, seed=1, lr=1e-2), resume=True)
+    done = _train(space, splits, ws, TrainConfig(epochs=1, batch_size=16, seed=1), resume=True)
+    assert done.epoch == 1 and done.wall_s == 0  # complete already: nothing to do
 
 
-def test_checkpoint_of_another_space_is_refused_naming_both(space, splits, tmp_path):
-    result = _train(space, splits, tmp_path, TrainConfig(epochs=1, batch_size=16))
+def test_checkpoint_of_another_space_is_refused_naming_both(trained):
+    result, _ = trained
     other = space_from_dict(OTHER, "tiny-other.yaml")
     with pytest.raises(
         UserError, match=r"trained for space 'tiny-train' \(hash \w+\), not for space 'tiny-other'"
@@ -130,8 +139,8 @@ def test_checkpoint_of_another_space_is_refused_naming_both(space, splits, tmp_p
         load_checkpoint(result.checkpoint.parent / SIDECAR, other)
 
 
-def test_evaluate_matches_a_plain_loop_over_the_extracted_subnet(space, splits, tmp_path):
-    result = _train(space, splits, tmp_path, TrainConfig(epochs=1, batch_size=16))
+def test_evaluate_matches_a_plain_loop_over_the_extracted_subnet(space, splits, trained):
+    result, _ = trained
     net, _ = load_checkpoint(result.checkpoint, space)
     for arch in (space.largest(), space.smallest(), space.sample(3)):
         model = net.extract(arch).eval()
