@@ -27,7 +27,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see benchmarks/token_ops.py (before torch loads)
 
 import argparse
-import gc
 import json
 import logging
 import platform
@@ -44,17 +43,19 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
+from nas.errors import UserError
 from nas.search import campaign
 from nas.search.campaign import CampaignConfig, run_campaign, scorer_for
 from nas.search.pareto import hypervolume
 from nas.space import load_space
 from nas.supernet import checkpoint as ckpt
 from nas.supernet.train import TrainConfig, train_supernet
+from nas.tracking import Campaign
 
 SPACE = "psvit-digits"
 SAMPLERS = ("nsga2", "tpe", "random")
 RESULT = Path(__file__).parent / "results" / "search_efficiency.json"
-PHASES = ("evaluate", "cost", "measure", "tracking")
+PHASES = ("evaluate", "cost", "measure", "tracking", "mlflow", "optuna")
 
 
 @dataclass
@@ -63,52 +64,71 @@ class TrialTime:
     evaluate: float
     cost: float
     measure: float
+    mlflow: float  # the trial's child run: created with params, tags and arch.yaml; finished with metrics
     kind: str  # "scored"; "rescored": the run had scored this architecture before; "failed"
 
     @property
     def tracking(self) -> float:
         return self.wall - self.evaluate - self.cost - self.measure
 
+    @property
+    def optuna(self) -> float:
+        """The rest of tracking: Optuna ask/suggest/tell and attributes, latency-cache lookup, progress note."""
+        return self.tracking - self.mlflow
+
 
 @contextmanager
 def clocked(scorer):
-    """Record every trial's wall time and its score's timings while a campaign runs."""
+    """Record every trial's wall time, its score's timings and its MLflow calls while a campaign runs."""
     times: list[TrialTime] = []
-    last: dict = {}
-    run_trial, note, score = campaign._run_trial, campaign._progress_note, scorer.score
+    now: dict = {}  # the trial under way: its score and its seconds in MLflow
+    originals = {
+        (campaign, "_run_trial"): campaign._run_trial,
+        (campaign, "_progress_note"): campaign._progress_note,
+        (Campaign, "trial_run"): Campaign.trial_run,
+        (Campaign, "finish_trial"): Campaign.finish_trial,
+    }
 
     def timed_score(*args, **kwargs):
-        last["score"] = result = score(*args, **kwargs)
+        now["score"] = result = type(scorer).score(scorer, *args, **kwargs)
         return result
 
+    def timed_mlflow(method):
+        def call(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                now["mlflow"] = now.get("mlflow", 0.0) + time.perf_counter() - t0
+
+        return call
+
     def timed_trial(*args, **kwargs):
-        last.clear()
+        now.clear()
         t0 = time.perf_counter()
-        run_trial(*args, **kwargs)
-        s = last.get("score")
+        originals[campaign, "_run_trial"](*args, **kwargs)
+        s = now.get("score")
         timings = {} if s is None else s.timings
         kind = "failed" if s is None else "scored" if timings else "rescored"
-        times.append(
-            TrialTime(
-                time.perf_counter() - t0,
-                timings.get("evaluate", 0.0),
-                timings.get("cost", 0.0),
-                timings.get("measure", 0.0),
-                kind,
-            )  # fmt: skip
-        )
+        phases = [timings.get(p, 0.0) for p in ("evaluate", "cost", "measure")]
+        times.append(TrialTime(time.perf_counter() - t0, *phases, now.get("mlflow", 0.0), kind))
 
     def timed_note(*args, **kwargs):
         t0 = time.perf_counter()
-        text = note(*args, **kwargs)
+        text = originals[campaign, "_progress_note"](*args, **kwargs)
         times[-1].wall += time.perf_counter() - t0
         return text
 
     campaign._run_trial, campaign._progress_note, scorer.score = timed_trial, timed_note, timed_score
+    Campaign.trial_run, Campaign.finish_trial = (
+        timed_mlflow(Campaign.trial_run),
+        timed_mlflow(Campaign.finish_trial),
+    )
     try:
         yield times
     finally:
-        campaign._run_trial, campaign._progress_note = run_trial, note
+        for (owner, name), original in originals.items():
+            setattr(owner, name, original)
         del scorer.score
 
 
@@ -153,7 +173,7 @@ def run_one(args, space, checkpoint: Path, workspace: Path, sampler: str, seed: 
         "front_size": len(result.front),
         "wall_s": wall,
         "outside_trials_s": wall - sum(t.wall for t in times),  # set-up, final tagging and artifacts
-        "trials": [{**vars(t), "tracking": t.tracking} for t in times],
+        "trials": [{**vars(t), "tracking": t.tracking, "optuna": t.optuna} for t in times],
     }
 
 
@@ -182,6 +202,7 @@ def summarise(runs: list[dict], trials: int) -> dict:
     scored = [t for t in every if t["kind"] == "scored"]
     rescored = [t["wall"] for t in every if t["kind"] == "rescored"]
     measured = [t for t in scored if t["measure"] > 0]
+    cached = [t for t in scored if t["measure"] == 0]  # latency found in the shared cache
     timing = {
         "trials": len(every),
         "scored": len(scored),
@@ -191,6 +212,10 @@ def summarise(runs: list[dict], trials: int) -> dict:
         "seconds_per_trial": {p: spread([t[p] for t in scored]) for p in (*PHASES, "wall")},
         "measure_when_measured_s": spread([t["measure"] for t in measured]) if measured else None,
         "tracking_share": spread([t["tracking"] / t["wall"] for t in scored]),
+        "tracking_share_measured": spread([t["tracking"] / t["wall"] for t in measured])
+        if measured
+        else None,
+        "tracking_share_cached": spread([t["tracking"] / t["wall"] for t in cached]) if cached else None,
         "tracking_share_overall": sum(t["tracking"] for t in scored) / sum(t["wall"] for t in scored),
         "rescored_trial_wall_s": spread(rescored) if rescored else None,
         "outside_trials_s_per_run": spread([r["outside_trials_s"] for r in runs]),
@@ -202,8 +227,6 @@ def machine() -> dict:
     cpu = "unknown"
     with open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    t0 = time.perf_counter()
-    gc.collect()  # what measure() pays before each measurement in a process this full
     return {
         "cpu": cpu,
         "logical_cpus": os.cpu_count(),
@@ -213,7 +236,6 @@ def machine() -> dict:
         "python": platform.python_version(),
         "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
         "load_average": os.getloadavg(),
-        "full_gc_collect_s": time.perf_counter() - t0,
     }
 
 
@@ -240,20 +262,20 @@ def print_tables(summary: dict, seeds: int) -> None:
           f"the cache); {t['rescored']} re-proposed a scored architecture"
           + (f" (median {again['median'] * 1e3:.0f} ms each)" if again else ""))  # fmt: skip
     print(f"{'phase':<18}{'median s':>10}{'p90 s':>10}")
-    names = {
-        "evaluate": "evaluate",
-        "cost": "cost (flops)",
-        "measure": "measure",
-        "tracking": "tracking+storage",
-    }
+    names = {"cost": "cost (flops)", "tracking": "tracking+storage", "mlflow": "  of which MLflow",
+             "optuna": "  Optuna and rest", "wall": "trial wall"}  # fmt: skip
     for phase in (*PHASES, "wall"):
         row = t["seconds_per_trial"][phase]
-        print(f"{names.get(phase, 'trial wall'):<18}{row['median']:>10.3f}{row['p90']:>10.3f}")
+        print(f"{names.get(phase, phase):<18}{row['median']:>10.3f}{row['p90']:>10.3f}")
     if t["measure_when_measured_s"]:
         print(f"measure, when measured: median {t['measure_when_measured_s']['median']:.3f} s")
     share = t["tracking_share"]
     print(f"tracking+storage share of a trial: median {share['median']:.1%}, p90 {share['p90']:.1%}, "
           f"overall {t['tracking_share_overall']:.1%}")  # fmt: skip
+    for kind in ("measured", "cached"):
+        if t[f"tracking_share_{kind}"]:
+            print(f"  trials whose latency was {kind}: median {t[f'tracking_share_{kind}']['median']:.1%}, "
+                  f"p90 {t[f'tracking_share_{kind}']['p90']:.1%}")  # fmt: skip
 
 
 def main() -> None:
@@ -284,7 +306,10 @@ def main() -> None:
 
     started = datetime.now(timezone.utc)
     space = load_space(SPACE)
-    checkpoint, meta = supernet(args, space)
+    try:
+        checkpoint, meta = supernet(args, space)
+    except UserError as err:  # e.g. a checkpoint of other settings in the workspace
+        raise SystemExit(f"search_efficiency: {err}") from None
     workspace = args.workspace / f"search-efficiency-{started:%Y%m%dT%H%M%S}"  # fresh stores and cache
     runs = []
     for seed in range(args.seeds):

@@ -20,9 +20,9 @@ Every command takes --help. Spaces are YAML files; the shipped ones can be named
 
 
 def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
-    _quiet_libraries()
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
@@ -43,6 +43,7 @@ def _quiet_libraries() -> None:
     import warnings
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -561,17 +562,17 @@ def _train_supernet(args) -> int:
     return 0
 
 
-COMMANDS: list[Callable] = [
+COMMANDS: list[Callable] = [  # in the order a user meets them
     _space_commands,
+    _train_supernet_command,
     _search_command,
     _pareto_command,
     _export_command,
     _train_command,
-    _demo_command,
     _profile_command,
     _latency_table_command,
     _dashboard_command,
-    _train_supernet_command,
+    _demo_command,
 ]
 
 

@@ -8,14 +8,18 @@ indexing and sorting ops that token reduction adds are ignored explicitly, by na
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from math import prod
 from typing import Any
 
 import torch
-from fvcore.nn import FlopCountAnalysis
-from fvcore.nn.jit_handles import get_shape
 from torch import nn
+
+with warnings.catch_warnings():  # fvcore scripts a loss at import: torch's jit.script deprecation, not ours
+    warnings.simplefilter("ignore", FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import get_shape
 
 # Ops that cost no multiply-adds worth counting (element-wise, shape, indexing, sorting, RNG).
 IGNORED_OPS = (

@@ -15,6 +15,10 @@ pooling between stages, optional token reduction inside a stage. Choices made he
 - A reduction (ToMe, EViT, clustering) acts after a cell's attention, before its MLP (as in ToMe
   and EViT); token sizes are tracked through the stage and feed proportional attention.
 - Sizes reset to one after inter-stage pooling: each stage starts from unweighted tokens.
+- conv1d/avg pooling reads the tokens as a sequence; after an in-stage reduction the surviving
+  tokens keep their order but the windows shift (and windows past the last token hold only
+  padding: the projection's bias). Legal, but such pools see other neighbourhoods than in the
+  unreduced largest subnet, which is what costs their inherited accuracy most.
 - No dropout or drop-path: train and eval mode give the same outputs.
 """
 
@@ -67,11 +71,20 @@ def make_cell(dim: int, hidden: int, kind: str, local: bool, device=None) -> nn.
     return cell
 
 
-def make_pool(in_dim: int, out_dim: int, conv1d: int = 0, conv2d: int = 0, device=None) -> nn.Module:
-    """Inter-stage pooling parameters: ``proj`` (the class token for convs, every token otherwise)
-    plus a strided conv of kernel ``conv1d`` (1D) or ``conv2d`` (per side) when nonzero."""
+def make_pool(
+    in_dim: int,
+    out_dim: int,
+    conv1d: int = 0,
+    conv2d: int = 0,
+    projections: tuple[str, ...] = ("proj",),
+    device=None,
+) -> nn.Module:
+    """Inter-stage pooling parameters: a projection (the class token for convs, every token
+    otherwise) under each name in ``projections``, plus a strided conv of kernel ``conv1d`` (1D)
+    or ``conv2d`` (per side) when nonzero."""
     pool = nn.Module()
-    pool.proj = nn.Linear(in_dim, out_dim, device=device)
+    for name in projections:
+        setattr(pool, name, nn.Linear(in_dim, out_dim, device=device))
     if conv1d:
         pool.conv1d = nn.Conv1d(in_dim, out_dim, conv1d, device=device)
     if conv2d:
