@@ -13,10 +13,12 @@ the supernet's weights, FLOPs by fvcore, latency measured on the target).
   first measurements only.
 - The time of each trial (``_run_trial`` plus the progress note after it) is split into the
   scorer's own timings (evaluate, cost = FLOPs and params, measure) and the rest, which is tracking
-  and storage (Optuna ask/tell, MLflow run, params, metrics, tags, arch.yaml, latency-cache lookup).
-  Trials whose architecture the run had already scored (no evaluation at all) are counted apart.
+  and storage: the child run's MLflow calls (timed apart) and the rest (Optuna ask/suggest/tell and
+  attributes, latency-cache lookup, progress note). Trials whose architecture the run had already
+  scored (nothing evaluated) are counted apart.
 
-    python benchmarks/search_efficiency.py --supernet PATH   # full run (~10 min; ~5 more to train one)
+    python benchmarks/search_efficiency.py --supernet PATH   # 360 trials: ~3 min on 2 cores
+    python benchmarks/search_efficiency.py                   # trains a supernet first (80 epochs: +6-12 min)
     python benchmarks/search_efficiency.py --quick           # a short smoke run
 """
 

@@ -22,11 +22,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from tqdm.auto import tqdm
 
 from nas.arch import ArchConfig, format_validation_error, load_arch
-from nas.data import augment, load_splits, make_loader
+from nas.data import load_splits
 from nas.errors import UserError
 from nas.evaluation import classification_accuracy
 from nas.supernet.subnet import VitnasSubnet
-from nas.supernet.train import TrainConfig, lr_at, make_optimizer, stream_seed
+from nas.supernet.train import TrainConfig, epoch_batches, make_optimizer
 from nas.weights import load_weights, save_weights
 
 
@@ -118,29 +118,16 @@ def _fit(model, splits, config: TrainConfig, run, progress: bool) -> list[dict]:
     torch.manual_seed(config.seed)
     optimizer = make_optimizer(model, config)
     steps = max(1, len(splits.train) // config.batch_size)
-    total, warmup = config.epochs * steps, round(config.warmup_epochs * steps)
+    warmup = round(config.warmup_epochs * steps)
     history = []
     bar = tqdm(
-        total=total, unit="step", desc="train", disable=not progress, dynamic_ncols=True, file=sys.stderr
+        total=config.epochs * steps, unit="step", desc="train", disable=not progress, dynamic_ncols=True, file=sys.stderr
     )
     for epoch in range(config.epochs):
         model.train()
-        loader = make_loader(
-            splits.train,
-            config.batch_size,
-            True,
-            stream_seed(config.seed, epoch, "order"),
-            drop_last=len(splits.train) >= config.batch_size,
-        )
-        shifts = torch.Generator().manual_seed(stream_seed(config.seed, epoch, "augment"))
         t0, losses = time.perf_counter(), []
-        for i, (x, y) in enumerate(loader):
-            lr = lr_at(epoch * steps + i, total, warmup, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss = F.cross_entropy(
-                model(augment(x, shifts, config.shift)), y, label_smoothing=config.label_smoothing
-            )
+        for _lr, x, y in epoch_batches(splits.train, config, epoch, steps, warmup, optimizer):
+            loss = F.cross_entropy(model(x), y, label_smoothing=config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -155,7 +142,7 @@ def _fit(model, splits, config: TrainConfig, run, progress: bool) -> list[dict]:
                 "train_loss": sum(losses) / len(losses),
                 "val_accuracy": val["accuracy"],
                 "val_loss": val["loss"],
-                "lr": lr,
+                "lr": optimizer.param_groups[0]["lr"],
                 "seconds": time.perf_counter() - t0,
             }
         )

@@ -136,6 +136,21 @@ def make_optimizer(net: Supernet, config: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=config.lr)
 
 
+def epoch_batches(data, config: TrainConfig, epoch: int, steps: int, warmup: int, optimizer):
+    """One epoch of shuffled, augmented batches, each yielded after its step's learning rate is set.
+
+    Order and augmentation are seeded from (seed, epoch) alone, so a resumed run sees the same batches.
+    """
+    loader = make_loader(data, config.batch_size, True, stream_seed(config.seed, epoch, "order"),
+                         drop_last=len(data) >= config.batch_size)
+    shifts = torch.Generator().manual_seed(stream_seed(config.seed, epoch, "augment"))
+    for i, (x, y) in enumerate(loader):
+        lr = lr_at(epoch * steps + i, config.epochs * steps, warmup, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        yield lr, augment(x, shifts, config.shift), y
+
+
 def stream_seed(seed: int, epoch: int, stream: str) -> int:
     """A seed for one random stream of one epoch, from the run seed only (resume-safe)."""
     return int.from_bytes(hashlib.blake2b(f"{seed}:{epoch}:{stream}".encode(), digest_size=7).digest(), "big")
@@ -195,7 +210,7 @@ def _fit(
 ) -> TrainResult:
     largest, smallest = space.largest(), space.smallest()
     steps = _steps_per_epoch(len(splits.train), config.batch_size)
-    total, warmup = config.epochs * steps, round(config.warmup_epochs * steps)
+    warmup = round(config.warmup_epochs * steps)
     t0 = time.perf_counter()
     bar = tqdm(
         total=config.epochs * steps,
@@ -209,23 +224,12 @@ def _fit(
     try:
         for epoch in range(start, end):
             net.train()
-            loader = make_loader(
-                splits.train,
-                config.batch_size,
-                True,
-                stream_seed(config.seed, epoch, "order"),
-                drop_last=len(splits.train) >= config.batch_size,
-            )
-            shifts = torch.Generator().manual_seed(stream_seed(config.seed, epoch, "augment"))
             draws = random.Random(stream_seed(config.seed, epoch, "archs"))
             losses, t_epoch, seen = [], time.perf_counter(), 0
-            for i, (x, y) in enumerate(loader):
-                lr = lr_at(epoch * steps + i, total, warmup, config)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+            for lr, x, y in epoch_batches(splits.train, config, epoch, steps, warmup, optimizer):
                 archs = [largest, smallest] + [space.sample(draws) for _ in range(config.random_subnets)]
                 optimizer.zero_grad(set_to_none=True)
-                losses.append(sandwich_step(net, augment(x, shifts, config.shift), y, archs, config))
+                losses.append(sandwich_step(net, x, y, archs, config))
                 torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
                 optimizer.step()
                 seen += len(y)
