@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import optuna
+from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from nas.errors import UserError
@@ -120,10 +121,11 @@ def run_ray_campaign(
             else _new_tuner(config, space, options, trainable, todo, experiment.parent, progress)
         )
     try:
-        _fit(tuner, experiment, trainable, RESUME_ROUNDS)
+        results = _fit(tuner, experiment, trainable, RESUME_ROUNDS)
     except KeyboardInterrupt:  # running the command again restores the Tune experiment
         tracker.end("KILLED")
         raise
+    _tell_unreported(study, results, config.latency_budget_ms)
     _fail_interrupted(study, tracker)  # trials still errored: running the command again retries them
     result = _finalise(study, space, scorer, tracker, config)
     tracker.end("FINISHED")
@@ -131,8 +133,8 @@ def run_ray_campaign(
     return result
 
 
-def _fit(tuner, experiment: Path, trainable, rounds: int) -> None:
-    """Fit, then restore and resume errored trials, up to ``rounds`` times.
+def _fit(tuner, experiment: Path, trainable, rounds: int) -> list:
+    """Fit, then restore and resume errored trials, up to ``rounds`` times; the last fit's results.
 
     Tune retries a trial whose node was lost (``FailureConfig``), but when the lost actor reports
     its failure twice, the second report can end the trial, already requeued, as ERROR: those are
@@ -141,10 +143,45 @@ def _fit(tuner, experiment: Path, trainable, rounds: int) -> None:
     """
     from ray import tune
 
+    results: list = []
     for attempt in range(rounds + 1):
-        if tuner is None or not tuner.fit().errors or attempt == rounds:
-            return
+        if tuner is None:
+            return results
+        grid = tuner.fit()
+        results = list(grid)
+        if not grid.errors or attempt == rounds:
+            return results
         tuner = tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
+    return results
+
+
+def _tell_unreported(study: optuna.Study, results: list, budget_ms: float | None) -> None:
+    """Tell Optuna the trials whose result reached Tune but not the study.
+
+    A restored searcher only knows the trials it had suggested by its last checkpoint; a trial
+    suggested after that and finished after the restore is told here, from Tune's results.
+    """
+    running = {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    for result in results:
+        metrics = result.metrics or {}
+        trial = running.get(metrics.get(NUMBER))
+        if trial is not None and result.error is None:
+            tell(study, optuna.Trial(study, trial._trial_id), metrics, budget_ms)
+
+
+def tell(study: optuna.Study, trial: optuna.Trial, result: dict | None, budget_ms: float | None) -> None:
+    """Record a finished trial's report on its Optuna trial, as the local backend records it: the
+    MLflow run, measured, the latency-budget constraint and the objectives; a candidate that failed
+    on its own (or reported nothing) as FAIL."""
+    result = result or {}
+    if RUN_ID in result:
+        trial.set_user_attr(RUN_ID, result[RUN_ID])
+    values = [result.get(name) for name, _ in OBJECTIVES]
+    if result.get(FAILED) or None in values:
+        study.tell(trial, state=TrialState.FAIL)
+        return
+    annotate(trial, True, result["latency_ms"], budget_ms)
+    study.tell(trial, values)
 
 
 def _new_tuner(
@@ -202,26 +239,20 @@ class _Space:
 
 
 class _Searcher(OptunaSearch):
-    """``OptunaSearch`` that records on the Optuna trial what the local backend records (MLflow run,
-    measured, the latency-budget constraint: OptunaSearch has no constraint hook), tells a
-    candidate that failed on its own as FAIL, not as pruned, and tells an errored trial nothing."""
+    """``OptunaSearch`` that records on the Optuna trial what the local backend records (``tell``:
+    OptunaSearch has no constraint hook), tells a candidate that failed on its own as FAIL, not as
+    pruned, and tells an errored trial nothing (the driver resumes or fails it)."""
 
     def __init__(self, *args, budget_ms: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._budget_ms = budget_ms
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-        if error:  # the trial errored (retries used up): left RUNNING for the driver to resume or fail
-            return
         ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is not None and trial_id not in self._completed_trials and result:
-            if RUN_ID in result:
-                ot_trial.set_user_attr(RUN_ID, result[RUN_ID])
-            if result.get(FAILED):
-                result, error = None, True
-            elif result.get("latency_ms") is not None:
-                annotate(ot_trial, True, result["latency_ms"], self._budget_ms)
-        super().on_trial_complete(trial_id, result, error)
+        if error or ot_trial is None or trial_id in self._completed_trials:
+            return  # unknown to a restored searcher: the driver tells it (``_tell_unreported``)
+        tell(self._ot_study, ot_trial, result, self._budget_ms)
+        self._completed_trials.add(trial_id)
 
 
 # -- the worker's side -------------------------------------------------------------------------
@@ -305,7 +336,7 @@ def _trainable(params: dict, job: _Job) -> None:
     run_id = tracker.trial_run(int(params[NUMBER]), arch, tags=tags)
     score, failure = evaluate(scorer, arch)
     log_outcome(tracker, run_id, score, failure)
-    report = {RUN_ID: run_id, "fingerprint": tags["fingerprint"], **node}
+    report = {NUMBER: int(params[NUMBER]), RUN_ID: run_id, "fingerprint": tags["fingerprint"], **node}
     report.update(score.metrics() if score is not None else {})
     if failure is not None:
         report[FAILED] = failure[:500]
