@@ -46,9 +46,9 @@ import torch
 from optuna.trial import TrialState
 
 from nas.errors import UserError
+from nas.pareto import hypervolume
 from nas.search import campaign
 from nas.search.campaign import CampaignConfig, run_campaign, scorer_for
-from nas.search.pareto import hypervolume
 from nas.space import load_space
 from nas.supernet import checkpoint as ckpt
 from nas.supernet.train import TrainConfig, train_supernet

@@ -24,7 +24,7 @@ from mlflow.exceptions import MlflowException
 from sqlalchemy.engine import make_url
 
 from nas.errors import UserError
-from nas.search.pareto import pareto_ranks
+from nas.pareto import pareto_ranks
 from nas.tracking import CAMPAIGN, ROLE
 
 PAGE = 1000

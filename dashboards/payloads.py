@@ -2,7 +2,7 @@
 trial's details with its architecture laid out for drawing.
 
 Pure functions of what ``data.Store`` read. The front (``data.Trials``) and the pick under a budget
-use ``nas.search.pareto``: the same definitions as ``vitnas search`` and its tags. Strings are
+use ``nas.pareto``: the same definitions as ``vitnas search`` and its tags. Strings are
 passed on as they are; the pages insert them as text, never as markup.
 """
 
@@ -16,7 +16,7 @@ from mlflow.entities import Run
 
 from nas.arch import ArchConfig, Reduction, TimmArch, arch_from_text
 from nas.errors import UserError
-from nas.search.pareto import best_under_budget
+from nas.pareto import best_under_budget
 from nas.tracking import CAMPAIGN, run_url
 
 from .data import ACC, LAT, CampaignInfo, Trial, Trials

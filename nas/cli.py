@@ -66,6 +66,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DATA_HELP = "digits, cifar10:PATH, cifar100:PATH or imagefolder:PATH (default %(default)s)"
+
+
+def _store_options(p) -> None:
+    """Where a command reading campaigns finds the MLflow store."""
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the workspace's sqlite file)")
+    p.add_argument(
+        "--workspace", default="vitnas-runs", help="default tracking store location (default %(default)s)"
+    )
+
+
+def _quiet_option(p) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 # -- vitnas space ----------------------------------------------------------------------------
 def _space_commands(sub) -> None:
     space = sub.add_parser("space", help="inspect search spaces", description="Inspect search-space files.")
@@ -131,6 +146,11 @@ def _search_command(sub) -> None:
     p.add_argument("--space", required=True, help="search-space YAML file or shipped space name")
     p.add_argument("--supernet", help="supernet checkpoint (.safetensors) for psvit spaces")
     p.add_argument(
+        "--weights",
+        help="timm spaces: the model's weights, a local .safetensors (e.g. from vitnas finetune; "
+        "default: the space's weights:)",
+    )
+    p.add_argument(
         "--target",
         default="cpu:threads=2",
         help="where latency is measured, e.g. cpu:threads=2,batch=1 (default %(default)s)",
@@ -170,7 +190,7 @@ def _search_command(sub) -> None:
         default=2.0,
         help="time budget per latency measurement (default %(default)s)",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _quiet_option(p)
     ray = p.add_argument_group("Ray cluster (--backend ray; see docs/cluster.md)")
     ray.add_argument(
         "--backend", choices=("local", "ray"), default="local", help="local Optuna loop (default) or Ray Tune"
@@ -217,6 +237,7 @@ def _search(args) -> int:
         predictor=args.predictor,
         data=args.data,
         measure_budget_s=args.measure_budget_s,
+        weights=args.weights,
     ).resolved()
     scorer = scorer_for(config, space)
     if args.backend == "ray":
@@ -251,10 +272,7 @@ def _pareto_command(sub) -> None:
         description="Print the accuracy/latency front of a campaign, read from MLflow.",
     )
     p.add_argument("--campaign", required=True)
-    p.add_argument(
-        "--workspace", default="vitnas-runs", help="default tracking store location (default %(default)s)"
-    )
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the workspace's sqlite file)")
+    _store_options(p)
     p.add_argument("--latency-budget-ms", type=float, help="mark the best trial under this budget")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=_pareto)
@@ -294,10 +312,7 @@ def _export_command(sub) -> None:
     p.add_argument(
         "--epochs", type=int, default=30, help="epochs in the written train.yaml (default %(default)s)"
     )
-    p.add_argument(
-        "--workspace", default="vitnas-runs", help="default tracking store location (default %(default)s)"
-    )
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the workspace's sqlite file)")
+    _store_options(p)
     p.set_defaults(run=_export)
 
 
@@ -330,7 +345,7 @@ def _train_command(sub) -> None:
     )
     p.add_argument("recipe", help="train.yaml written by vitnas export")
     p.add_argument("--epochs", type=int, help="override the recipe's epochs")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _quiet_option(p)
     p.set_defaults(run=_train)
 
 
@@ -500,10 +515,7 @@ def _dashboard_command(sub) -> None:
         "then open http://127.0.0.1:8765/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the workspace's sqlite file)")
-    p.add_argument(
-        "--workspace", default="vitnas-runs", help="default tracking store location (default %(default)s)"
-    )
+    _store_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
     p.add_argument("--port", type=int, default=8765, help="port (default %(default)s; 0: any free port)")
     p.add_argument(
@@ -521,6 +533,44 @@ def _dashboard(args) -> int:
 
 
 # -- vitnas train-supernet ------------------------------------------------------------------------
+def _finetune_command(sub) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a timm space's model on your data (before a reduction-schedule search)",
+        description=(
+            "Train the model of a timm space (family: timm) for a few epochs on the search's data, from\n"
+            "a local weights file or from scratch (nothing downloads), so that each reduction schedule is\n"
+            "scored with meaningful accuracy. Writes a safetensors file for vitnas search --weights."
+        ),
+        epilog="example:\n  vitnas finetune --space deit-reduction --data digits --epochs 3 --out vitnas-runs/deit-s.safetensors\n"
+        "  vitnas search --space deit-reduction --weights vitnas-runs/deit-s.safetensors --campaign deit-cpu --trials 24",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--space", required=True, help="search-space YAML file or shipped space name (timm family)")
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.add_argument("--data", default="digits", help=DATA_HELP)
+    p.add_argument("--init", help="start from these weights (.safetensors; default: the space's weights:, else scratch)")
+    p.add_argument("--epochs", type=int, default=3, help="default %(default)s")
+    p.add_argument("--batch-size", type=int, default=64, help="default %(default)s")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="default %(default)s")
+    _quiet_option(p)
+    p.set_defaults(run=_finetune)
+
+
+def _finetune(args) -> int:
+    from nas.finetune import finetune
+    from nas.space import load_space
+    from nas.supernet.train import TrainConfig
+
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, random_subnets=0)
+    space = load_space(args.space)
+    outcome = finetune(space, args.out, data=args.data, config=config, init=args.init, progress=not args.quiet)
+    print(f"validation accuracy {outcome.val_accuracy:.4f}; weights {outcome.weights}")
+    print(f"next: vitnas search --space {args.space} --weights {outcome.weights} --data {args.data} --campaign NAME")
+    return 0
+
+
 def _train_supernet_command(sub) -> None:
     from nas.supernet.train import TrainConfig
 
@@ -538,7 +588,7 @@ def _train_supernet_command(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--space", required=True, help="search-space YAML file or shipped space name (psvit family)")
-    p.add_argument("--data", default="digits", help="digits, cifar10:PATH, cifar100:PATH or imagefolder:PATH (default %(default)s)")
+    p.add_argument("--data", default="digits", help=DATA_HELP)
     p.add_argument("--epochs", type=int, default=d.epochs, help="total epochs (default %(default)s)")
     p.add_argument("--workspace", default="vitnas-runs", help="where the checkpoint goes (default %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of every random stream (default %(default)s)")
@@ -547,7 +597,7 @@ def _train_supernet_command(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in the workspace (same settings)")
     p.add_argument("--force", action="store_true", help="start over even if the workspace holds a checkpoint")
     p.add_argument("--tracking-uri", help="log the run to MLflow here (default: $MLFLOW_TRACKING_URI if set, else no logging)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _quiet_option(p)
     p.set_defaults(run=_train_supernet)
 
 
@@ -565,6 +615,7 @@ def _train_supernet(args) -> int:
 COMMANDS: list[Callable] = [  # in the order a user meets them
     _space_commands,
     _train_supernet_command,
+    _finetune_command,
     _search_command,
     _pareto_command,
     _export_command,

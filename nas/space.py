@@ -300,6 +300,8 @@ class TimmSpace(_Strict):
     image_size: int = Field(default=224, gt=0)
     num_classes: int = Field(default=1000, gt=1)
     weights: str | None = None
+    # keyword arguments for timm.create_model besides classes and image size (e.g. patch_size, depth)
+    model_args: dict[str, int | float | bool | str] = Field(default_factory=dict)
     reduction: TimmReductionChoices
 
     @model_validator(mode="after")

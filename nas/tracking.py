@@ -38,7 +38,7 @@ from sqlalchemy.engine import make_url
 
 from nas.arch import ArchConfig, TimmArch
 from nas.errors import UserError
-from nas.search.pareto import best_under_budget, pareto_ranks
+from nas.pareto import best_under_budget, pareto_ranks
 
 ROLE = "vitnas.role"
 CAMPAIGN = "vitnas.campaign"

@@ -104,7 +104,7 @@ def train_from_recipe(path: str | Path, *, epochs: int | None = None, progress: 
     splits = load_splits(recipe.data, arch.image_size, seed=None)
     run_ctx = _tracking(recipe, arch, path)
     with run_ctx as run:
-        history = _fit(model, splits, recipe.hyperparameters(), run, progress)
+        history = fit(model, splits, recipe.hyperparameters(), run, progress)
         test = classification_accuracy(model, splits.test)["accuracy"]
         out = save_weights(model, folder / "trained.safetensors", metadata={"arch_hash": arch.arch_hash()})
         if run is not None:
@@ -113,8 +113,11 @@ def train_from_recipe(path: str | Path, *, epochs: int | None = None, progress: 
     return TrainOutcome(test, history[-1]["val_accuracy"], out, getattr(run, "run_id", None), history)
 
 
-def _fit(model, splits, config: TrainConfig, run, progress: bool) -> list[dict]:
-    """nanoGPT-style loop: per-step learning rate, augmentation, label smoothing, clipping."""
+def fit(model, splits, config: TrainConfig, run=None, progress: bool = True) -> list[dict]:
+    """Train ``model`` on ``splits.train``, validating each epoch (logged to ``run`` if given).
+
+    nanoGPT-style loop: per-step learning rate, augmentation, label smoothing, clipping.
+    """
     torch.manual_seed(config.seed)
     optimizer = make_optimizer(model, config)
     steps = max(1, len(splits.train) // config.batch_size)

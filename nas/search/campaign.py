@@ -22,9 +22,9 @@ from sqlalchemy import event
 from tqdm.auto import tqdm
 
 from nas.errors import UserError
-from nas.search.pareto import pareto_front
+from nas.pareto import pareto_front
 from nas.search.samplers import make_sampler
-from nas.search.scoring import Score, Scorer, make_scorer
+from nas.search.scoring import Score, Scorer, SupernetScorer, make_scorer
 from nas.space import SearchSpace
 from nas.tracking import FAILURE, Campaign
 
@@ -54,6 +54,7 @@ class CampaignConfig:
     predictor: str | None = None
     data: str | None = None
     measure_budget_s: float = 2.0
+    weights: str | None = None  # timm spaces: the model's weights (default: the space's weights:)
 
     def resolved(self) -> CampaignConfig:
         """Defaults filled in: study, MLflow and latency cache on sqlite files in the workspace."""
@@ -77,7 +78,7 @@ def scorer_for(config: CampaignConfig, space: SearchSpace) -> Scorer:
     """The scorer a (resolved) campaign config asks for."""
     return make_scorer(space, target=config.target, workspace=config.workspace, cache_url=config.cache_url,
                        supernet=config.supernet, data=config.data, predictor=config.predictor,
-                       measure_budget_s=config.measure_budget_s)
+                       measure_budget_s=config.measure_budget_s, weights=config.weights)
 
 
 @dataclass
@@ -157,19 +158,19 @@ def _open_study(config: CampaignConfig, space: SearchSpace, scorer: Scorer) -> o
     return study
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage | str:
-    """The Optuna storage at ``url``; a sqlite file is put in WAL mode with ``synchronous=NORMAL``.
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """The Optuna storage at ``url`` (any SQLAlchemy URL); a sqlite file is put in WAL mode with
+    ``synchronous=NORMAL``.
 
     Optuna commits every suggested parameter on its own, and each commit waited for the disk:
     ~0.7 s of a psvit-digits trial went there, ~0.06 s with these settings. A killed process still
     loses nothing it committed (only a power cut could drop the last commits), and readers (the
-    dashboard, a resumed run) no longer block the writer. Other URLs are passed on as they are.
+    dashboard, a resumed run) no longer block the writer.
     """
-    if not url.startswith("sqlite:"):
-        return url
     storage = optuna.storages.RDBStorage(url)
-    event.listen(storage.engine, "connect", _sqlite_pragmas)
-    storage.engine.dispose()  # the connections opened while creating the tables lack the pragmas
+    if url.startswith("sqlite:"):
+        event.listen(storage.engine, "connect", _sqlite_pragmas)
+        storage.engine.dispose()  # the connections opened while creating the tables lack the pragmas
     return storage
 
 
@@ -352,15 +353,17 @@ def _campaign_params(config: CampaignConfig, space: SearchSpace, scorer: Scorer)
         "seed": config.seed,
         "latency_budget_ms": config.latency_budget_ms,
         "supernet": config.supernet,
+        "weights": config.weights,
         "predictor": config.predictor,
     }
 
 
 def _identity_tags(scorer: Scorer) -> dict[str, str]:
-    """What a latency and an accuracy were taken on: target, machine fingerprint, supernet weights."""
+    """What a latency and an accuracy were taken on: target, machine fingerprint, the weights
+    (supernet checkpoint, or a timm model's weights file)."""
     tags = {"target": scorer.target.key(), "fingerprint": scorer.fingerprint.digest()}
     if scorer.weights_hash:
-        tags["supernet_hash"] = scorer.weights_hash
+        tags["supernet_hash" if isinstance(scorer, SupernetScorer) else "weights_hash"] = scorer.weights_hash
     return tags
 
 

@@ -8,8 +8,9 @@ Tune trial that asks for the target's threads and the target's Ray custom resour
 
 - The driver holds the study (through ``OptunaSearch``) and the parent run; workers log their
   child runs to the tracking server themselves and report the metrics back.
-- The supernet checkpoint travels in the Ray object store (``tune.with_parameters``) and is written
-  to a temporary folder on each worker node: no shared file system is needed for it.
+- The supernet checkpoint (or a timm space's ``--weights`` file) travels in the Ray object store
+  (``tune.with_parameters``) and is written to a temporary folder on each worker node: no shared
+  file system is needed for it.
 - A lost worker's running trials are retried (``FailureConfig``); finished ones stay finished.
   Running the same command again after the driver died restores the Tune experiment
   (``Tuner.restore``) from ``WORKSPACE/ray/<campaign>`` and runs only what is missing.
@@ -40,6 +41,7 @@ from nas.search.campaign import (
     annotate,
     evaluate,
     log_outcome,
+    open_storage,
     scorer_for,
 )
 from nas.search.samplers import make_sampler
@@ -102,7 +104,7 @@ def run_ray_campaign(
     }
     tracker.start_or_resume(params=_campaign_params(config, space, scorer), tags=tags)
     ray.init(address=options.address, ignore_reinit_error=True, log_to_driver=progress)
-    job = _Job(config, space, tracker.parent_run_id, _pack(config.supernet))
+    job = _Job(config, space, tracker.parent_run_id, _pack(config, space))
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, job=job),
         {"CPU": scorer.target.threads or 1, **options.target_resource},
@@ -201,7 +203,7 @@ def _new_tuner(
         mode=[mode for _, mode in OBJECTIVES],
         sampler=make_sampler(config.sampler, config.seed, config.trials),
         study_name=config.name,
-        storage=optuna.storages.RDBStorage(config.storage),
+        storage=open_storage(config.storage),
         budget_ms=config.latency_budget_ms,
     )
     return tune.Tuner(
@@ -263,19 +265,26 @@ class _Job:
     config: CampaignConfig
     space: SearchSpace
     parent_run_id: str
-    checkpoint: dict[str, bytes]  # file name -> content; empty for spaces without a supernet
+    files: dict[str, bytes]  # file name -> content: the supernet checkpoint's, or the --weights file
 
 
-def _pack(supernet: str | None) -> dict[str, bytes]:
-    """The checkpoint files a scorer reads (weights and sidecar; not the optimizer state)."""
-    if not supernet:
+def _pack(config: CampaignConfig, space: SearchSpace) -> dict[str, bytes]:
+    """The files a scorer reads: the supernet checkpoint (weights and sidecar; not the optimizer
+    state), or a timm model's weights file (``--weights`` or the space's ``weights:``)."""
+    if space.family == "timm":
+        from nas.timm_base import weights_file
+
+        path = weights_file(space, config.weights)
+        return {_WEIGHTS_FILE: path.read_bytes()} if path else {}
+    if not config.supernet:
         return {}
     from nas.supernet.checkpoint import SIDECAR, WEIGHTS, resolve
 
-    folder = resolve(supernet)
+    folder = resolve(config.supernet)
     return {name: (folder / name).read_bytes() for name in (WEIGHTS, SIDECAR)}
 
 
+_WEIGHTS_FILE = "weights.safetensors"
 _STATE: dict[str, tuple[Scorer, Campaign]] = {}  # per worker process: reused actors keep their scorer
 
 
@@ -285,12 +294,14 @@ def _worker_state(job: _Job) -> tuple[Scorer, Campaign]:
     if key not in _STATE:
         # one folder per driver workspace, as the local backend has one latency cache per workspace
         root = Path(tempfile.gettempdir()) / "vitnas-ray" / _digest(job.config.workspace)
-        supernet = _unpack(job.checkpoint, root / "supernet" / job.parent_run_id) if job.checkpoint else None
+        files = _unpack(job.files, root / "inputs" / job.parent_run_id) if job.files else None
+        weights = str(Path(files) / _WEIGHTS_FILE) if files and job.space.family == "timm" else None
         cache_url = job.config.cache_url
         local = replace(
             job.config,
             workspace=str(root),
-            supernet=supernet,
+            supernet=None if weights or not files else files,
+            weights=weights,
             cache_url=None if cache_url.startswith("sqlite:") else cache_url,  # a sqlite file is node-local
         ).resolved()
         tracker = Campaign(job.config.tracking_uri, job.config.name)
@@ -304,7 +315,7 @@ def _digest(text: str) -> str:
 
 
 def _unpack(files: dict[str, bytes], folder: Path) -> str:
-    """Write the checkpoint files (each atomically: trials on one node may start together)."""
+    """Write the files into ``folder`` (each atomically: trials on one node may start together)."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, content in files.items():
         path = folder / name

@@ -182,8 +182,10 @@ def make_scorer(
     data: str | None = None,
     predictor: str | None = None,
     measure_budget_s: float = 2.0,
+    weights: str | None = None,
 ) -> Scorer:
-    """The scorer a campaign over ``space`` needs: supernet weights (psvit) or a timm model (timm)."""
+    """The scorer a campaign over ``space`` needs: supernet weights (psvit) or a timm model with
+    ``weights`` (timm; default: the space's ``weights:``)."""
     from nas.data import load_splits
     from nas.hardware.cache import ResultCache, default_url
     from nas.hardware.fingerprint import fingerprint
@@ -201,11 +203,18 @@ def make_scorer(
 
         shared["predictor"] = LatencyPredictor.load(predictor, expect=shared["fingerprint"], target=tgt)
     if space.family == "timm":
-        model = _timm_base_model(space)
+        from nas.timm_base import timm_base_model
+
         splits = load_splits(data or "digits", space.spec.image_size)
-        scorer = TimmScorer(base_model=model, val_data=splits.val, **shared)
+        scorer = TimmScorer(base_model=timm_base_model(space, weights), val_data=splits.val, **shared)
         scorer.data_spec = splits.spec.spec
+        if weights:
+            from nas.weights import file_hash
+
+            scorer.weights_hash = file_hash(weights)
         return scorer
+    if weights:
+        raise UserError(f"space {space.name} is a supernet space: --weights is for timm spaces, pass --supernet")
     if not supernet:
         raise UserError(
             f"space {space.name} is a supernet space: pass --supernet CHECKPOINT (from vitnas train-supernet)"
@@ -220,17 +229,3 @@ def make_scorer(
     scorer.data_spec = splits.spec.spec
     scorer.weights_hash = file_hash(resolve(supernet) / WEIGHTS)
     return scorer
-
-
-def _timm_base_model(space) -> nn.Module:
-    """The space's timm model, with its local weights when given (nothing downloads)."""
-    import timm
-
-    from nas.weights import load_weights
-
-    model = timm.create_model(
-        space.spec.model, pretrained=False, num_classes=space.spec.num_classes, img_size=space.spec.image_size
-    )
-    if space.spec.weights:
-        load_weights(model, space.spec.weights)
-    return model.eval()

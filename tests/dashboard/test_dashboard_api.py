@@ -19,7 +19,7 @@ from sqlalchemy.engine import make_url
 
 from nas.cli import build_parser
 from nas.errors import UserError
-from nas.search.pareto import best_under_budget
+from nas.pareto import best_under_budget
 from nas.tracking import run_url
 
 

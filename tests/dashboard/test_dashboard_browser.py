@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 import pytest
 
-from nas.search.pareto import best_under_budget
+from nas.pareto import best_under_budget
 
 By = pytest.importorskip("selenium.webdriver.common.by", reason="selenium is not installed").By
 from selenium.webdriver import ActionChains  # noqa: E402

@@ -1,8 +1,8 @@
-"""Pareto maths for the search: non-dominated sorting, fronts, hypervolume, the pick under a budget.
+"""Pareto maths: non-dominated sorting, fronts, hypervolume, the pick under a budget.
 
-Pure numpy, no MLflow or Optuna, so the campaign, the dashboard and the benchmarks agree on one
-definition. Objectives come with senses (``"max"`` or ``"min"``); internally everything is turned
-into minimisation. A point with a missing (None) or NaN objective takes part in nothing: its rank
+Pure numpy, no MLflow or Optuna, and below both search and tracking, so the campaign, the MLflow
+tags, the dashboard and the benchmarks agree on one definition. Objectives come with senses
+(``"max"`` or ``"min"``); internally everything is turned into minimisation. A point with a missing (None) or NaN objective takes part in nothing: its rank
 is None and it is never on a front.
 """
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nas.search.pareto import best_under_budget, hypervolume, pareto_front, pareto_ranks
+from nas.pareto import best_under_budget, hypervolume, pareto_front, pareto_ranks
 
 
 def dominates(p, q, senses) -> bool:
