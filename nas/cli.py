@@ -532,7 +532,7 @@ def _dashboard(args) -> int:
     return 0
 
 
-# -- vitnas train-supernet ------------------------------------------------------------------------
+# -- vitnas finetune (timm spaces) -----------------------------------------------------------------
 def _finetune_command(sub) -> None:
     p = sub.add_parser(
         "finetune",
@@ -571,6 +571,7 @@ def _finetune(args) -> int:
     return 0
 
 
+# -- vitnas train-supernet ------------------------------------------------------------------------
 def _train_supernet_command(sub) -> None:
     from nas.supernet.train import TrainConfig
 
