@@ -122,6 +122,10 @@ class Cluster:
         status = _ray("job", "status", f"--address={self.dashboard}", job_id).stdout.upper()
         return next((s for s in ("SUCCEEDED", "FAILED", "STOPPED") if s in status), None)
 
+    def stop_job(self, job_id: str) -> None:
+        """``ray job stop``: the job's driver is ended, as when the machine running it goes away."""
+        _ray("job", "stop", f"--address={self.dashboard}", job_id)
+
     def job_logs(self, job_id: str) -> str:
         return _ray("job", "logs", f"--address={self.dashboard}", job_id).stdout
 
