@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 import nas.tracking as tracking
 from nas.arch import ArchConfig, TimmArch
 from nas.errors import UserError
-from nas.tracking import Campaign, RunLogger, default_tracking_uri, run_url, training_run
+from nas.tracking import Campaign, RunLogger, connect, default_tracking_uri, run_url, training_run
 
 # A known front: BASE is non-dominated; layer k shifts it by (-0.05 accuracy, +0.5 ms) per step, so
 # each layer k point is dominated by its layer k-1 twin and by nothing of its own layer: rank = k.
@@ -219,3 +219,18 @@ def test_campaign_on_a_real_server(mlflow_server, tmp_path):
     yaml_path = client.download_artifacts(front[0]["run_id"], "arch.yaml", str(tmp_path))
     assert Path(yaml_path).read_text() == arch(0).to_yaml()
     assert run_url(mlflow_server, campaign.experiment_id, parent).endswith(f"/runs/{parent}")
+
+
+def test_sqlite_stores_commit_without_waiting_for_the_disk(tmp_path):
+    """The MLflow store and the Optuna study a campaign writes every trial: WAL, synchronous NORMAL."""
+    from sqlalchemy import text
+
+    from nas.search.campaign import open_storage
+
+    client = connect(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.create_experiment("x")
+    engines = [client._tracking_client.store.engine, open_storage(f"sqlite:///{tmp_path / 'optuna.db'}").engine]
+    for engine in engines:
+        with engine.connect() as con:
+            assert con.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+            assert con.execute(text("PRAGMA synchronous")).scalar() == 1  # NORMAL

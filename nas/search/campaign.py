@@ -18,7 +18,6 @@ from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
-from sqlalchemy import event
 from tqdm.auto import tqdm
 
 from nas.errors import UserError
@@ -26,6 +25,7 @@ from nas.pareto import pareto_front
 from nas.search.samplers import make_sampler
 from nas.search.scoring import Score, Scorer, SupernetScorer, make_scorer
 from nas.space import SearchSpace
+from nas.sqlite_tuning import tune_sqlite
 from nas.tracking import FAILURE, Campaign
 
 #: A candidate is skipped (not measured) when predicted this much over the budget ...
@@ -159,26 +159,12 @@ def _open_study(config: CampaignConfig, space: SearchSpace, scorer: Scorer) -> o
 
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """The Optuna storage at ``url`` (any SQLAlchemy URL); a sqlite file is put in WAL mode with
-    ``synchronous=NORMAL``.
-
-    Optuna commits every suggested parameter on its own, and each commit waited for the disk:
-    ~0.7 s of a psvit-digits trial went there, ~0.06 s with these settings. A killed process still
-    loses nothing it committed (only a power cut could drop the last commits), and readers (the
-    dashboard, a resumed run) no longer block the writer.
-    """
+    """The Optuna storage at ``url`` (any SQLAlchemy URL); a sqlite file gets ``tune_sqlite``'s
+    settings: Optuna commits every suggested parameter on its own, and with each commit waiting
+    for the disk ~0.7 s of a psvit-digits trial went there, ~0.06 s with them."""
     storage = optuna.storages.RDBStorage(url)
-    if url.startswith("sqlite:"):
-        event.listen(storage.engine, "connect", _sqlite_pragmas)
-        storage.engine.dispose()  # the connections opened while creating the tables lack the pragmas
+    tune_sqlite(storage.engine)
     return storage
-
-
-def _sqlite_pragmas(dbapi_connection, _record) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.close()
 
 
 def _fail_interrupted(study: optuna.Study, tracker: Campaign) -> None:
