@@ -119,7 +119,8 @@ def run_campaign(
             _run_trial(study, space, scorer, tracker, config)
             ran += 1
             bar.update()
-            bar.set_postfix_str(_progress_note(study, config.latency_budget_ms))
+            if progress:  # the note reads every finished trial: only for a bar someone sees
+                bar.set_postfix_str(_progress_note(study, config.latency_budget_ms))
     except KeyboardInterrupt:
         bar.close()
         _fail_interrupted(study, tracker)  # Ctrl-C outside scoring can leave the trial RUNNING
