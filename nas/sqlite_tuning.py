@@ -1,15 +1,20 @@
-"""SQLite settings for the stores a campaign writes on every trial: the Optuna study and the MLflow
-store. Both commit many small transactions a trial, and by default each commit waits for the disk.
+"""SQLite settings for the stores a campaign writes on every trial: the Optuna study, the MLflow
+store and the latency cache. Each commits small transactions every trial, and by default each
+commit waits for the disk.
 
 Write-ahead log with ``synchronous=NORMAL``: a commit survives a killed process (what resuming a
 campaign relies on), only a power cut can drop the last ones; readers (the dashboard, the MLflow
-UI, a resumed run) no longer block the writer. WAL needs a local disk, as sqlite does anyway.
+UI, a resumed run) no longer block the writer. A busy timeout makes parallel writers (several
+campaigns on one workspace) wait for each other instead of failing. WAL needs a local disk, as
+sqlite does anyway.
 """
 
 from __future__ import annotations
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+
+BUSY_TIMEOUT_MS = 60_000
 
 
 def tune_sqlite(engine: Engine) -> None:
@@ -22,6 +27,7 @@ def tune_sqlite(engine: Engine) -> None:
 
 def _pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()

@@ -4,8 +4,8 @@ One row per (architecture hash, fingerprint digest, target key), enforced by a u
 so campaigns on the same kind of machine share results and concurrent writers (several processes,
 several machines on one PostgreSQL) cannot duplicate a row. Failed measurements are stored too, so
 a candidate that runs out of memory is not retried forever; a failure never replaces a success.
-The default is a sqlite file in the workspace (WAL mode and a busy timeout for parallel writers);
-any SQLAlchemy URL works, e.g. ``postgresql+psycopg://user@host/vitnas``.
+The default is a sqlite file in the workspace (``nas.sqlite_tuning``: WAL, a busy timeout for
+parallel writers); any SQLAlchemy URL works, e.g. ``postgresql+psycopg://user@host/vitnas``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from sqlalchemy import (
     UniqueConstraint,
     case,
     create_engine,
-    event,
     func,
     select,
 )
@@ -34,9 +33,9 @@ from nas.errors import UserError
 from nas.hardware.fingerprint import Fingerprint
 from nas.hardware.measure import MeasureResult
 from nas.hardware.target import Target
+from nas.sqlite_tuning import tune_sqlite
 
 CACHE_FILE = "latency-cache.sqlite"
-_SQLITE_BUSY_TIMEOUT_MS = 60_000
 _PUT_ATTEMPTS = 2  # a lost insert race is retried once, as an update
 
 
@@ -166,16 +165,8 @@ def _engine(url: str) -> Engine:
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(parsed)
-    event.listen(engine, "connect", _sqlite_pragmas)
+    tune_sqlite(engine)
     return engine
-
-
-def _sqlite_pragmas(dbapi_connection, _record) -> None:
-    """Writers wait for each other instead of failing; WAL lets readers run beside a writer."""
-    cursor = dbapi_connection.cursor()
-    cursor.execute(f"PRAGMA busy_timeout = {_SQLITE_BUSY_TIMEOUT_MS}")
-    cursor.execute("PRAGMA journal_mode = WAL")
-    cursor.close()
 
 
 def _create_table(engine: Engine) -> None:
