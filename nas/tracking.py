@@ -292,6 +292,11 @@ class Campaign:
     def exists(self) -> bool:
         return self._oldest(f"tags.`{ROLE}` = 'campaign'") is not None
 
+    def finished_trial(self, trial_number: int) -> TrialRecord | None:
+        """The trial's run if it has FINISHED (a restored experiment may run a finished trial again)."""
+        run = self._oldest(f"tags.`{ROLE}` = 'trial' and tags.trial_number = '{int(trial_number)}'")
+        return None if run is None or run.info.status != "FINISHED" else TrialRecord.from_run(run)
+
     def trial_run_id(self, trial_number: int) -> str:
         """The run of a trial number; ``UserError`` when the campaign has no such trial."""
         run = self._oldest(f"tags.`{ROLE}` = 'trial' and tags.trial_number = '{int(trial_number)}'")

@@ -12,8 +12,9 @@ Tune trial that asks for the target's threads and the target's Ray custom resour
   (``tune.with_parameters``) and is written to a temporary folder on each worker node: no shared
   file system is needed for it.
 - A lost worker's running trials are retried (``FailureConfig``); finished ones stay finished.
-  Running the same command again after the driver died restores the Tune experiment
-  (``Tuner.restore``) from ``WORKSPACE/ray/<campaign>`` and runs only what is missing.
+  Running the same command again after the driver died keeps the trials its workers finished
+  and logged, fails those it left running (interrupted, not counted) and runs only what is
+  missing, in a new Tune experiment ``WORKSPACE/ray/<campaign>.<n>`` over the same study.
 """
 
 from __future__ import annotations
@@ -109,25 +110,18 @@ def run_ray_campaign(
         tune.with_parameters(_trainable, job=job),
         {"CPU": scorer.target.threads or 1, **options.target_resource},
     )
-    experiment = Path(config.workspace) / "ray" / config.name
+    _tell_unreported(study, _logged_reports(study, tracker), config.latency_budget_ms)
+    _fail_interrupted(study, tracker)  # trials a dead driver left: failed as interrupted, not counted
     before = _done(study)
-    if tune.Tuner.can_restore(str(experiment)):
-        tracker.close_stale_trials()  # runs of trials the dead driver left: their retry reopens them
-        tuner = tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
-    else:
-        _fail_interrupted(study, tracker)
-        todo = config.trials - before
-        tuner = (
-            None
-            if todo <= 0
-            else _new_tuner(config, space, options, trainable, todo, experiment.parent, progress)
-        )
+    experiment = _next_experiment(Path(config.workspace) / "ray", config.name)
+    todo = config.trials - before
+    tuner = None if todo <= 0 else _new_tuner(config, space, options, trainable, todo, experiment, progress)
     try:
         results = _fit(tuner, experiment, trainable, RESUME_ROUNDS)
-    except KeyboardInterrupt:  # running the command again restores the Tune experiment
+    except KeyboardInterrupt:  # running the command again runs what is missing
         tracker.end("KILLED")
         raise
-    _tell_unreported(study, results, config.latency_budget_ms)
+    _tell_unreported(study, _tune_reports(results), config.latency_budget_ms)
     _fail_interrupted(study, tracker)  # trials still errored: running the command again retries them
     result = _finalise(study, space, scorer, tracker, config)
     tracker.end("FINISHED")
@@ -157,24 +151,41 @@ def _fit(tuner, experiment: Path, trainable, rounds: int) -> list:
     return results
 
 
-def _tell_unreported(study: optuna.Study, results: list, budget_ms: float | None) -> None:
-    """Tell Optuna the trials whose result reached Tune but not the study.
+def _tell_unreported(study: optuna.Study, reports: dict[int, dict], budget_ms: float | None) -> None:
+    """Tell Optuna the trials it still has RUNNING for which a report exists elsewhere (by number)."""
+    running = {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    for number, report in reports.items():
+        trial = running.get(number)
+        if trial is not None:
+            tell(study, optuna.Trial(study, trial._trial_id), report, budget_ms)
+
+
+def _tune_reports(results: list) -> dict[int, dict]:
+    """What each trial reported to Tune, by trial number (errored trials left out).
 
     A restored searcher only knows the trials it had suggested by its last checkpoint; a trial
-    suggested after that and finished after the restore is told here, from Tune's results.
+    suggested after that and finished after the restore reached Tune but not the study.
     """
-    running = {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    for result in results:
-        metrics = result.metrics or {}
-        trial = running.get(metrics.get(NUMBER))
-        if trial is not None and result.error is None:
-            tell(study, optuna.Trial(study, trial._trial_id), metrics, budget_ms)
+    return {int(r.metrics[NUMBER]): r.metrics for r in results if r.error is None and NUMBER in (r.metrics or {})}
+
+
+def _logged_reports(study: optuna.Study, tracker: Campaign) -> dict[int, dict]:
+    """Trials still RUNNING in the study whose child run FINISHED: the worker logged them, but the
+    driver died before it told the study. Their results are kept, not failed."""
+    reports = {}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        done = tracker.finished_trial(trial.number)
+        if done is not None and done.arch_hash == trial.user_attrs.get("arch_hash"):
+            reports[trial.number] = {RUN_ID: done.run_id, **done.metrics}
+    return reports
 
 
 def tell(study: optuna.Study, trial: optuna.Trial, result: dict | None, budget_ms: float | None) -> None:
     """Record a finished trial's report on its Optuna trial, as the local backend records it: the
     MLflow run, measured, the latency-budget constraint and the objectives; a candidate that failed
     on its own (or reported nothing) as FAIL."""
+    if study._storage.get_trial(trial._trial_id).state.is_finished():
+        return  # told before the driver died; the restored experiment ran it again
     result = result or {}
     if RUN_ID in result:
         trial.set_user_attr(RUN_ID, result[RUN_ID])
@@ -186,13 +197,24 @@ def tell(study: optuna.Study, trial: optuna.Trial, result: dict | None, budget_m
     study.tell(trial, values)
 
 
+def _next_experiment(root: Path, name: str) -> Path:
+    """A new Tune experiment folder for each run of the command: ``<name>.1``, ``<name>.2``, ...
+
+    Resuming after the driver died starts a new Tune run for the trials still missing from the
+    study rather than ``Tuner.restore``: the restored searcher's checkpoint can lag the study
+    (trials asked after it are unknown to it), and the restored run then asks past the budget.
+    """
+    runs = [int(p.suffix[1:]) for p in root.glob(f"{name}.*") if p.suffix[1:].isdigit()]
+    return root / f"{name}.{max(runs, default=0) + 1}"
+
+
 def _new_tuner(
     config: CampaignConfig,
     space: SearchSpace,
     options: RayOptions,
     trainable,
     todo: int,
-    root: Path,
+    experiment: Path,
     progress: bool,
 ):
     from ray import tune
@@ -215,8 +237,8 @@ def _new_tuner(
             reuse_actors=True,
         ),
         run_config=tune.RunConfig(
-            name=config.name,
-            storage_path=str(root),
+            name=experiment.name,
+            storage_path=str(experiment.parent),
             failure_config=tune.FailureConfig(max_failures=options.max_failures),
             verbose=None if progress else 0,
         ),
@@ -342,12 +364,18 @@ def _trainable(params: dict, job: _Job) -> None:
 
     scorer, tracker = _worker_state(job)
     arch = job.space.from_params(params)
+    number = int(params[NUMBER])
+    done = tracker.finished_trial(number)
+    if done is not None and done.arch_hash == arch.arch_hash():
+        # finished before the driver died, after Tune's last checkpoint: report it, run nothing twice
+        tune.report({NUMBER: number, RUN_ID: done.run_id, **done.metrics})
+        return
     node = _node()
     tags = {**_identity_tags(scorer), **node, "backend": "ray"}
-    run_id = tracker.trial_run(int(params[NUMBER]), arch, tags=tags)
+    run_id = tracker.trial_run(number, arch, tags=tags)
     score, failure = evaluate(scorer, arch)
     log_outcome(tracker, run_id, score, failure)
-    report = {NUMBER: int(params[NUMBER]), RUN_ID: run_id, "fingerprint": tags["fingerprint"], **node}
+    report = {NUMBER: number, RUN_ID: run_id, "fingerprint": tags["fingerprint"], **node}
     report.update(score.metrics() if score is not None else {})
     if failure is not None:
         report[FAILED] = failure[:500]

@@ -14,7 +14,17 @@ from optuna.trial import TrialState
 from ray.tune import Result
 
 from nas.errors import UserError
-from nas.search.ray_backend import FAILED, NUMBER, RUN_ID, _tell_unreported, parse_resource, tell
+from nas.search.ray_backend import (
+    FAILED,
+    NUMBER,
+    RUN_ID,
+    _logged_reports,
+    _tell_unreported,
+    _tune_reports,
+    parse_resource,
+    tell,
+)
+from nas.space import space_from_dict
 from nas.tracking import Campaign
 
 
@@ -60,7 +70,7 @@ def test_trials_reported_to_tune_but_not_to_optuna_are_told_from_the_results():
         _result({NUMBER: failed.number, FAILED: "out of memory", RUN_ID: "r-failed"}),
         _result({NUMBER: running.number, "val_accuracy": 0.7, "latency_ms": 3.0, RUN_ID: "r-running"}),
     ]
-    _tell_unreported(study, results, budget_ms=2.5)
+    _tell_unreported(study, _tune_reports(results), budget_ms=2.5)
 
     trials = study.get_trials()
     assert trials[done.number].values == [0.5, 2.0]
@@ -77,6 +87,9 @@ def test_a_result_without_objectives_is_a_failed_candidate():
     study = _study()
     trial = study.ask()
     tell(study, trial, {}, budget_ms=None)
+    assert study.trials[0].state == TrialState.FAIL
+    # a restored experiment can run a trial the study already has: the first values stand
+    tell(study, trial, {"val_accuracy": 0.9, "latency_ms": 1.0}, budget_ms=None)
     assert study.trials[0].state == TrialState.FAIL
 
 
@@ -174,3 +187,23 @@ def test_a_campaign_whose_driver_died_resumes_where_it_stopped(ray_cluster, tiny
     failed = [r for r in records.runs if r.status == "FAILED"]
     assert all(r.tags["vitnas.failure"] == "interrupted" for r in failed)  # cut off by the driver's end only
 
+
+
+def test_a_trial_the_worker_logged_but_the_dead_driver_never_told_is_kept(sqlite_tracking_uri):
+    """Its child run FINISHED, its Optuna trial still RUNNING: resuming tells the study, not fails it."""
+    arch = space_from_dict(search_fixtures.TINY_SPACE).sample(0)
+    tracker = Campaign(sqlite_tracking_uri, "driver-died")
+    tracker.start_or_resume(params={}, tags={})
+    study = _study()
+    logged, cut_off = study.ask(), study.ask()
+    for trial in (logged, cut_off):
+        trial.set_user_attr("arch_hash", arch.arch_hash())
+    run_id = tracker.trial_run(logged.number, arch)
+    tracker.finish_trial(run_id, {"val_accuracy": 0.8, "latency_ms": 1.5})
+    tracker.trial_run(cut_off.number, arch)  # still RUNNING: killed with the driver
+
+    reports = _logged_reports(study, tracker)
+    assert reports == {logged.number: {RUN_ID: run_id, "val_accuracy": 0.8, "latency_ms": 1.5}}
+    _tell_unreported(study, reports, budget_ms=None)
+    assert study.trials[logged.number].values == [0.8, 1.5]
+    assert study.trials[cut_off.number].state == TrialState.RUNNING  # failed as interrupted next
