@@ -10,6 +10,12 @@ accuracies, with the table. Stand-alone trainings run two at a time, one thread 
     python benchmarks/supernet_ranking.py --checkpoint vitnas-runs/supernet/psvit-digits/supernet.safetensors
     python benchmarks/supernet_ranking.py --quick                  # smoke run: 8 subnets, 3 epochs each
 
+Stand-alone training is the expensive half (about 10 minutes); to try a supernet change, reuse the
+subnets and stand-alone accuracies of an earlier run and train only the supernet:
+
+    python benchmarks/supernet_ranking.py --standalone-from benchmarks/results/supernet_ranking.json \
+        --workspace /tmp/try --train random_subnets=4 --out /tmp/try/ranking.json
+
 Results go to ``benchmarks/results/supernet_ranking.json`` (``--quick`` writes ``..._quick.json``).
 """
 
@@ -36,22 +42,26 @@ from nas.evaluation import classification_accuracy
 from nas.hardware.flops import flops
 from nas.space import load_space
 from nas.supernet import TrainConfig, VitnasSubnet, evaluate, load_checkpoint, train_supernet
-from nas.supernet.checkpoint import SIDECAR, checkpoint_dir
+from nas.supernet.checkpoint import SIDECAR, checkpoint_dir, read_meta
 from nas.supernet.train import lr_at, make_optimizer, stream_seed
 
 RESULTS = Path(__file__).parent / "results"
 SPACE = "psvit-digits"
 
 
+def subnet_flops(arch: ArchConfig) -> int:
+    """fvcore FLOPs of the extracted stand-alone subnet at batch 1."""
+    return flops(VitnasSubnet(arch).eval(), torch.randn(1, arch.in_chans, arch.image_size, arch.image_size))
+
+
 def pick_spread(space, n: int, pool: int, seed: int) -> list[tuple[ArchConfig, int]]:
     """``n`` members at evenly spaced FLOPs quantiles of a random pool (largest and smallest included)."""
     rng = random.Random(seed)
-    x = torch.randn(1, 3, space.spec.image_size, space.spec.image_size)
     candidates = {
         a.arch_hash(): a
         for a in [space.largest(), space.smallest()] + [space.sample(rng) for _ in range(pool)]
     }
-    scored = sorted(((flops(VitnasSubnet(a).eval(), x), a) for a in candidates.values()), key=lambda t: t[0])
+    scored = sorted(((subnet_flops(a), a) for a in candidates.values()), key=lambda t: t[0])
     picks = sorted({round(i * (len(scored) - 1) / (n - 1)) for i in range(n)})
     return [(scored[i][1], scored[i][0]) for i in picks]
 
@@ -87,15 +97,23 @@ def train_standalone(arch_dict: dict, epochs: int, seed: int) -> dict:
     return {"standalone_acc": result["accuracy"], "standalone_s": time.perf_counter() - t0}
 
 
-def ensure_supernet(checkpoint: str | None, workspace: Path, epochs: int | None) -> Path:
+def ensure_supernet(checkpoint: str | None, workspace: Path, config: TrainConfig) -> Path:
     if checkpoint:
         return Path(checkpoint)
     space = load_space(SPACE)
     folder = checkpoint_dir(workspace, space)
     if (folder / SIDECAR).is_file():
-        print(f"using the supernet in {folder}")
-        return folder
-    config = TrainConfig() if epochs is None else TrainConfig(epochs=epochs)
+        meta = read_meta(folder)
+        if meta["config"] != config.to_dict():
+            raise SystemExit(
+                f"{folder} holds a supernet trained with {meta['config']}, not {config.to_dict()}: "
+                "pass another --workspace"
+            )
+        if meta["complete"]:
+            print(f"using the supernet in {folder}")
+            return folder
+        print(f"resuming the supernet in {folder} at epoch {meta['epoch']}/{config.epochs}")
+        return train_supernet(space, "digits", workspace, config, resume=True, progress=True).checkpoint
     print(f"training the supernet of {SPACE} ({config.epochs} epochs) into {folder}")
     return train_supernet(space, "digits", workspace, config, progress=True).checkpoint
 
@@ -112,6 +130,28 @@ def main() -> None:
     )
     parser.add_argument(
         "--supernet-epochs", type=int, help="when training the supernet here (default: TrainConfig's)"
+    )
+    parser.add_argument(
+        "--train",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a TrainConfig override for the supernet trained here, e.g. random_subnets=4 (repeatable)",
+    )
+    parser.add_argument(
+        "--standalone-from",
+        metavar="JSON",
+        help="reuse the subnets and stand-alone accuracies of an earlier results file (no stand-alone training)",
+    )
+    parser.add_argument(
+        "--retrain",
+        action="append",
+        default=[],
+        metavar="ARCH_HASH",
+        help="with --standalone-from: train this subnet from scratch again (its network changed); repeatable",
+    )
+    parser.add_argument(
+        "--out", help="results file (default: benchmarks/results/supernet_ranking[_quick].json)"
     )
     parser.add_argument("--subnets", type=int, default=10, help="subnets compared (default %(default)s)")
     parser.add_argument(
@@ -130,12 +170,20 @@ def main() -> None:
     if args.quick:
         args.subnets, args.epochs, args.pool = 8, 3, 16
     t_start = time.perf_counter()
-    path = ensure_supernet(args.checkpoint, Path(args.workspace), args.supernet_epochs)
+    config = train_config(args.train, args.supernet_epochs)
+    path = ensure_supernet(args.checkpoint, Path(args.workspace), config)
     net, meta = load_checkpoint(path)
     net.eval()
     space = net.space
     splits = load_splits("digits", space.spec.image_size)
-    picked = pick_spread(space, args.subnets, args.pool, args.seed)
+    earlier = json.loads(Path(args.standalone_from).read_text()) if args.standalone_from else None
+    if earlier:
+        picked = [(a, subnet_flops(a)) for a in (arch_from_dict(r["arch"]) for r in earlier["rows"])]
+        unknown = set(args.retrain) - {a.arch_hash() for a, _ in picked}
+        if unknown:
+            raise SystemExit(f"--retrain {sorted(unknown)}: not among the subnets of {args.standalone_from}")
+    else:
+        picked = pick_spread(space, args.subnets, args.pool, args.seed)
     rows = []
     for arch, fl in picked:
         got = evaluate(net, arch, splits.val)
@@ -148,21 +196,51 @@ def main() -> None:
                 "arch": arch.to_dict(),
             }
         )
-    print(
-        f"training {len(rows)} subnets from scratch, {args.epochs} epochs each, {args.workers} at a time ..."
-    )
-    with ProcessPoolExecutor(args.workers) as pool:
-        futures = [pool.submit(train_standalone, row["arch"], args.epochs, args.seed) for row in rows]
-        for row, future in zip(rows, futures):
-            row.update(future.result())
+    if earlier:
+        for row, old in zip(rows, earlier["rows"]):
+            if row["arch_hash"] not in args.retrain:
+                row.update({k: old[k] for k in ("standalone_acc", "standalone_s")})
+                row["standalone_from"] = old.get("standalone_from", earlier["when"])
+        selection, standalone = earlier["selection"], reused_standalone(earlier, args.standalone_from)
+        standalone["retrained"] = sorted(set(args.retrain) | set(standalone.get("retrained", [])))
+        standalone["note"] = (
+            f"stand-alone accuracies reused from {standalone['reused_from']['file']} of "
+            f"{standalone['reused_from']['when']}, except the subnets in 'retrained' (trained again with "
+            "the same recipe because their network changed; each row's standalone_from gives the date)"
+        )
+        args.epochs = standalone["epochs"]
+    todo = [row for row in rows if "standalone_acc" not in row]
+    if todo:
+        print(
+            f"training {len(todo)} subnets from scratch, {args.epochs} epochs each, {args.workers} at a time ..."
+        )
+        with ProcessPoolExecutor(args.workers) as pool:
+            futures = [pool.submit(train_standalone, row["arch"], args.epochs, args.seed) for row in todo]
+            for row, future in zip(todo, futures):
+                row.update(
+                    future.result(), standalone_from=datetime.now(timezone.utc).isoformat(timespec="seconds")
+                )
+    if not earlier:
+        selection = {
+            "by": "fvcore FLOPs (nas.hardware.flops) of the extracted subnet, batch 1",
+            "pool": args.pool,
+            "subnets": len(rows),
+            "seed": args.seed,
+        }
+        standalone = {
+            "epochs": args.epochs,
+            "recipe": TrainConfig(epochs=args.epochs, random_subnets=0).to_dict(),
+            "split": "val",
+        }
     inherited = [r["inherited_acc"] for r in rows]
-    standalone = [r["standalone_acc"] for r in rows]
-    tau, rho = stats.kendalltau(inherited, standalone), stats.spearmanr(inherited, standalone)
+    scratch = [r["standalone_acc"] for r in rows]
+    tau, rho = stats.kendalltau(inherited, scratch), stats.spearmanr(inherited, scratch)
     print(table(rows))
     print(
         f"Kendall tau {tau.statistic:.3f} (p {tau.pvalue:.3g})   Spearman rho {rho.statistic:.3f} (p {rho.pvalue:.3g})"
     )
-    out = RESULTS / ("supernet_ranking_quick.json" if args.quick else "supernet_ranking.json")
+    default_out = RESULTS / ("supernet_ranking_quick.json" if args.quick else "supernet_ranking.json")
+    out = Path(args.out) if args.out else default_out
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "benchmark": "supernet_ranking",
@@ -181,17 +259,8 @@ def main() -> None:
             "config": meta["config"],
             "final": meta["history"][-1] if meta["history"] else None,
         },
-        "selection": {
-            "by": "fvcore FLOPs (nas.hardware.flops) of the extracted subnet, batch 1",
-            "pool": args.pool,
-            "subnets": len(rows),
-            "seed": args.seed,
-        },
-        "standalone": {
-            "epochs": args.epochs,
-            "recipe": TrainConfig(epochs=args.epochs, random_subnets=0).to_dict(),
-            "split": "val",
-        },
+        "selection": selection,
+        "standalone": standalone,
         "kendall_tau": tau.statistic,
         "kendall_p": tau.pvalue,
         "spearman_rho": rho.statistic,
@@ -201,6 +270,26 @@ def main() -> None:
     }
     out.write_text(json.dumps(report, indent=2, default=_json_default))
     print(f"wrote {out} ({report['wall_s']:.0f} s)")
+
+
+def train_config(overrides: list[str], epochs: int | None) -> TrainConfig:
+    """TrainConfig with ``FIELD=VALUE`` overrides, each value cast to the field's default type."""
+    base, values = TrainConfig(), {} if epochs is None else {"epochs": epochs}
+    for item in overrides:
+        name, sep, value = item.partition("=")
+        if not sep or not hasattr(base, name):
+            raise SystemExit(
+                f"--train {item!r}: expected FIELD=VALUE with FIELD one of {list(base.to_dict())}"
+            )
+        values[name] = type(getattr(base, name))(value)
+    return TrainConfig(**values)
+
+
+def reused_standalone(earlier: dict, source: str) -> dict:
+    """The earlier run's stand-alone section, saying where and when its numbers were measured
+    (the first measurement's file and date when that run reused them too)."""
+    first = earlier["standalone"].get("reused_from") or {"file": source, "when": earlier["when"]}
+    return {**earlier["standalone"], "reused_from": first}
 
 
 def table(rows: list[dict]) -> str:

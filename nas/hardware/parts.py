@@ -130,11 +130,17 @@ def decompose(arch: ArchConfig) -> list[tuple[Part, int]]:
     prev: StageConfig | None = None
     for st in arch.stages:
         if prev is not None:
-            parts.append((PoolPart(st.pool, prev.dim, st.dim, st.tokens), prev.exit_tokens))
+            parts.append((PoolPart(st.pool, prev.dim, st.dim, st.tokens), _pool_input(st.pool, prev)))
         parts += stage_cells(st)
         prev = st
     parts.append((HeadPart(prev.dim, arch.num_classes), prev.exit_tokens))
     return parts
+
+
+def _pool_input(kind: str, prev: StageConfig) -> int:
+    """Tokens a pool reads: a positional pool the previous stage's input positions (refilled after
+    its reductions, see ``blocks.restore_positions``), any other pool the tokens that stage left."""
+    return prev.tokens if kind in blocks.POSITIONAL_POOLS else prev.exit_tokens
 
 
 def stage_cells(st: StageConfig) -> list[tuple[CellPart, int]]:
@@ -178,10 +184,13 @@ def space_parts(space: SearchSpace) -> dict[Part, set[int]]:
     first = spec.stages[0]
     for dim in first.dim:
         found[StemPart(spec.in_chans, spec.image_size, spec.patch_size, dim)].add(first.tokens[0])
-    exits: dict[int, set[int]] = {}  # previous stage's exit token counts, by the tokens this stage takes
+    # the previous stage's exit and input token counts, by the tokens this stage takes
+    exits: dict[int, set[int]] = {}
+    entries: dict[int, set[int]] = {}
     for i, choices in enumerate(spec.stages):
         floors = spec.stages[i + 1].tokens if i + 1 < len(spec.stages) else (2,)
         next_exits: dict[int, set[int]] = defaultdict(set)
+        next_entries: dict[int, set[int]] = defaultdict(set)
         for tokens, floor in itertools.product(choices.tokens, floors):
             for attention, cells, reduction in _structures(choices, tokens, floor):
                 for dim, heads, ratio in itertools.product(choices.dim, choices.heads, choices.mlp_ratio):
@@ -197,13 +206,15 @@ def space_parts(space: SearchSpace) -> dict[Part, set[int]]:
                     for part, n in stage_cells(st):
                         found[part].add(n)
                     next_exits[floor].add(st.exit_tokens)
+                    next_entries[floor].add(tokens)
         if i:
             prev_dims = spec.stages[i - 1].dim
             for kind, in_dim, out_dim, tokens in itertools.product(
                 choices.pool, prev_dims, choices.dim, choices.tokens
             ):
-                found[PoolPart(kind, in_dim, out_dim, tokens)].update(exits[tokens])
-        exits = next_exits
+                entering = entries if kind in blocks.POSITIONAL_POOLS else exits
+                found[PoolPart(kind, in_dim, out_dim, tokens)].update(entering[tokens])
+        exits, entries = next_exits, next_entries
     for dim in spec.stages[-1].dim:
         found[HeadPart(dim, spec.num_classes)].update(exits[2])
     return dict(found)

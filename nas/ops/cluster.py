@@ -82,6 +82,20 @@ def cluster_pool(
     Weights (for clustering and for the means) are size times `weights [B, N - num_prefix]` when
     given; the new sizes are the summed sizes. Returns `([B, num_prefix + k, C], [B, num_prefix + k, 1])`.
     """
+    return cluster_pool_assign(x, k, method, iters, size, weights, num_prefix)[:2]
+
+
+def cluster_pool_assign(
+    x: Tensor,
+    k: int,
+    method: str = "kmedoids",
+    iters: int = 5,
+    size: Tensor | None = None,
+    weights: Tensor | None = None,
+    num_prefix: int = 1,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`cluster_pool` plus the cluster of each non-prefix input token, `assign [B, N - num_prefix]`
+    (for callers that follow token positions through the pooling)."""
     if method not in METHODS:
         raise ValueError(f"clustering method {method!r} is not one of {METHODS}")
     p = num_prefix
@@ -98,4 +112,5 @@ def cluster_pool(
     total = weighted.sum(-1, keepdim=True)  # [B, k, 1]
     means = (weighted @ tokens) / total.clamp_min(1e-12)
     pooled = torch.where(total > 0, means, centres)  # an empty cluster (duplicate tokens) keeps its centre
-    return torch.cat([x[:, :p], pooled], dim=1), torch.cat([sizes[:, :p], onehot @ sizes[:, p:]], dim=1)
+    new_size = torch.cat([sizes[:, :p], onehot @ sizes[:, p:]], dim=1)
+    return torch.cat([x[:, :p], pooled], dim=1), new_size, assign

@@ -24,6 +24,12 @@ def evit_keep(tokens: int, keep_rate: float) -> int:
     return min(tokens, max(1, math.ceil(round(keep_rate * tokens, 9))))  # round: 0.7 * 100 is 70, not 71
 
 
+def top_tokens(score: Tensor, keep: int) -> Tensor:
+    """Indices `[B, keep]` of the `keep` best-scoring tokens of `score [B, N]`, in original order
+    (what `fuse_topk` keeps; callers that follow token positions through a fusion use it too)."""
+    return score.topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values
+
+
 def fuse_topk(
     x: Tensor, score: Tensor, keep: int, size: Tensor | None = None, num_prefix: int = 1
 ) -> tuple[Tensor, Tensor | None]:
@@ -36,7 +42,7 @@ def fuse_topk(
     p = num_prefix
     if keep >= n - p:
         return x, size
-    kept = score.topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values  # original order
+    kept = top_tokens(score, keep)
     dropped = torch.ones_like(score, dtype=torch.bool).scatter_(
         1, kept, torch.zeros_like(kept, dtype=torch.bool)
     )

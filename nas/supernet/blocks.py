@@ -15,10 +15,12 @@ pooling between stages, optional token reduction inside a stage. Choices made he
 - A reduction (ToMe, EViT, clustering) acts after a cell's attention, before its MLP (as in ToMe
   and EViT); token sizes are tracked through the stage and feed proportional attention.
 - Sizes reset to one after inter-stage pooling: each stage starts from unweighted tokens.
-- conv1d/avg pooling reads the tokens as a sequence; after an in-stage reduction the surviving
-  tokens keep their order but the windows shift (and windows past the last token hold only
-  padding: the projection's bias). Legal, but such pools see other neighbourhoods than in the
-  unreduced largest subnet, which is what costs their inherited accuracy most.
+- Position-aware pooling: conv1d/avg pooling reads the tokens as a sequence of the stage's input
+  positions. After an in-stage reduction each position is filled with the token that now holds it
+  (its ToMe group, its cluster, EViT's fused token for the dropped ones) before pooling, so every
+  window covers the same image region whatever the reduction. Pooling the reduced sequence
+  directly would shift the windows by a data-dependent amount (and leave padding-only windows),
+  so the supernet's shared conv taps would mean different neighbourhoods for different subnets.
 - No dropout or drop-path: train and eval mode give the same outputs.
 """
 
@@ -34,14 +36,15 @@ from torch import Tensor, nn
 
 from nas.arch import ArchConfig, StageConfig, kept_tokens
 from nas.ops.attention import apply_shared_attention, attention, class_attention, merge_heads, split_heads
-from nas.ops.cluster import cluster_pool
-from nas.ops.evit import evit_fuse
+from nas.ops.cluster import cluster_pool, cluster_pool_assign
+from nas.ops.evit import evit_fuse, evit_keep, top_tokens
 from nas.ops.linear_attention import relu_linear_attention
 from nas.ops.pooling import avg_pool, conv1d_pool, conv2d_pool, pool_stride, tome_pool
 from nas.ops.tome import bipartite_soft_matching
 
 LN_EPS = 1e-6
 LOCAL_KERNEL = 3  # depthwise conv of linear attention (EfficientViT's local term), over the sequence
+POSITIONAL_POOLS = ("conv1d", "conv2d", "avg")  # pools whose windows are token positions
 
 
 # -- module layout (parameters only; the forward lives in the functions below) -----------------
@@ -207,7 +210,11 @@ def _cls_attn(attn: Tensor | None, q: Tensor | None, k: Tensor | None, size: Ten
 
 # -- the forward ----------------------------------------------------------------------------------
 def cell_forward(st: StageConfig, plan: CellPlan, p, x: Tensor, size: Tensor | None, shared: Tensor | None):
-    """One computing cell: attention (+ reduction) and MLP. Returns ``(x, size, map to share)``."""
+    """One computing cell: attention (+ reduction) and MLP.
+
+    Returns ``(x, size, map to share, index)``: ``index [B, N_in]`` is the output token each input
+    token went to (None when the cell keeps every token where it was).
+    """
     h = layer_norm(x, p.norm1)
     b, n, d = h.shape
     q = k = attn = None
@@ -224,31 +231,71 @@ def cell_forward(st: StageConfig, plan: CellPlan, p, x: Tensor, size: Tensor | N
             out, attn = attention(q, k, v, size, need_attn=plan.need_attn)
             y = merge_heads(out)
     x = x + linear(y, p.attn.proj)
+    index = None
     if plan.reduce == "tome":
-        x, size = bipartite_soft_matching(k.mean(dim=1), plan.r).merge(x, size)
+        merge = bipartite_soft_matching(k.mean(dim=1), plan.r)
+        x, size = merge.merge(x, size)
+        index = _merge_index(merge)
     elif plan.reduce == "evit":
-        x, size = evit_fuse(x, _cls_attn(attn, q, k, size), plan.keep_rate, size)
+        score = _cls_attn(attn, q, k, size)
+        x, size = evit_fuse(x, score, plan.keep_rate, size)
+        index = _fuse_index(score, evit_keep(n - 1, plan.keep_rate))
     elif plan.reduce == "cluster":
         weighted = plan.method == "weighted_kmedoids"
         weights = _cls_attn(attn, q, k, size) if weighted else None
         method = "kmedoids" if weighted else plan.method
-        x, size = cluster_pool(x, kept_tokens(plan.keep_rate, n - 1), method, size=size, weights=weights)
+        keep = kept_tokens(plan.keep_rate, n - 1)
+        x, size, assign = cluster_pool_assign(x, keep, method, size=size, weights=weights)
+        index = F.pad(assign + 1, (1, 0))
     if x.shape[1] != plan.tokens_out:
         raise RuntimeError(
             f"{plan.reduce} left {x.shape[1]} tokens where the architecture expects {plan.tokens_out} "
             "(nas.ops and nas.arch disagree on token counts)"
         )
     x = x + linear(F.gelu(linear(layer_norm(x, p.norm2), p.mlp.fc1)), p.mlp.fc2)
-    return x, size, attn
+    return x, size, attn, index
 
 
-def stage_forward(st: StageConfig, cells, x: Tensor) -> Tensor:
-    """The cells of one stage; sizes start at one (``None``) and follow the reductions."""
-    size, shared = None, None
+def _merge_index(merge) -> Tensor:
+    """The output token of every input token of a ToMe ``Merge`` (kept rows and merged-away rows)."""
+    b, n, m = merge.batch, merge.tokens, merge.out_tokens
+    index = torch.empty(b * n, dtype=torch.long, device=merge.keep.device)
+    index[merge.keep] = torch.arange(b * m, device=index.device)
+    index[merge.src] = merge.slot
+    return index.view(b, n) - m * torch.arange(b, device=index.device).unsqueeze(1)
+
+
+def _fuse_index(score: Tensor, keep: int) -> Tensor | None:
+    """The output token of every input token of ``evit_fuse``: kept tokens in order after the
+    class token, the dropped ones in the fused token at the end (None when nothing is dropped)."""
+    b, n = score.shape
+    if keep >= n:
+        return None
+    kept = top_tokens(score, keep) + 1
+    index = torch.full((b, n + 1), keep + 1, dtype=torch.long, device=score.device)
+    index[:, 0] = 0
+    return index.scatter_(1, kept, torch.arange(1, keep + 1, device=score.device).expand(b, -1))
+
+
+def stage_forward(st: StageConfig, cells, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The cells of one stage; sizes start at one (``None``) and follow the reductions.
+
+    Returns ``(x, owner)``: ``owner [B, N_in - 1]`` is the token that holds each of the stage's
+    input (non-class) positions at its end, None when no reduction acted.
+    """
+    size, shared, owner = None, None, None
     for j, plan in enumerate(stage_plan(st)):
         if plan.kind != "identity":
-            x, size, shared = cell_forward(st, plan, cells[j], x, size, shared)
-    return x
+            x, size, shared, index = cell_forward(st, plan, cells[j], x, size, shared)
+            if index is not None:
+                owner = index[:, 1:] if owner is None else index.gather(1, owner)
+    return x, owner
+
+
+def restore_positions(x: Tensor, owner: Tensor) -> Tensor:
+    """The class token, then for each input position of the stage the token that holds it."""
+    held = x.gather(1, owner.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return torch.cat([x[:, :1], held], dim=1)
 
 
 def pool_forward(kind: str, p, x: Tensor, out_tokens: int) -> Tensor:
@@ -288,7 +335,9 @@ def _avg_pool(x: Tensor, proj, n: int, out_tokens: int) -> Tensor:
 
 
 def conv_kernel(kind: str, in_tokens: int, out_tokens: int) -> int:
-    """Kernel (= stride) of a conv pool between token counts that include the class token."""
+    """Kernel (= stride) of a conv pool between token counts that include the class token; a conv
+    pool sees the previous stage's input positions (``restore_positions``), so ``in_tokens`` is
+    that stage's ``tokens``."""
     n, m = in_tokens - 1, out_tokens - 1
     if kind == "conv2d":
         n, m = math.isqrt(n), math.isqrt(m)
@@ -300,10 +349,13 @@ def forward_features(arch: ArchConfig, p, x: Tensor) -> Tensor:
     x = F.conv2d(x, p.patch_embed.proj.weight, p.patch_embed.proj.bias, stride=arch.patch_size)
     x = x.flatten(2).transpose(1, 2)
     x = torch.cat([p.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + p.pos_embed
+    owner = None
     for i, st in enumerate(arch.stages):
         if i:
+            if owner is not None and st.pool in POSITIONAL_POOLS:
+                x = restore_positions(x, owner)
             x = pool_forward(st.pool, p.stages[i].pool, x, st.tokens - 1)
-        x = stage_forward(st, p.stages[i].cells, x)
+        x, owner = stage_forward(st, p.stages[i].cells, x)
     return layer_norm(x[:, 0], p.norm)
 
 

@@ -27,7 +27,9 @@ from nas.space import SearchSpace, space_from_dict
 from nas.supernet.supernet import Supernet, space_hash
 from nas.weights import file_hash
 
-FORMAT = "vitnas-supernet/1"
+# /2: conv1d/avg pooling after an in-stage reduction reads the restored input positions (and
+# its conv kernel follows from them): /1 weights mean something else there
+FORMAT = "vitnas-supernet/2"
 WEIGHTS, OPTIMIZER, SIDECAR = "supernet.safetensors", "optimizer.safetensors", "supernet.json"
 
 
@@ -52,6 +54,11 @@ def read_meta(path: str | Path) -> dict:
         meta = json.loads((folder / SIDECAR).read_text())
     except json.JSONDecodeError as err:
         raise UserError(f"{folder / SIDECAR}: not valid JSON ({err})") from None
+    if meta.get("format") == "vitnas-supernet/1":
+        raise UserError(
+            f"{folder / SIDECAR}: a checkpoint of an earlier vitnas, whose pooling after in-stage reductions "
+            "differs: train the supernet again (vitnas train-supernet ... --force)"
+        )
     if meta.get("format") != FORMAT:
         raise UserError(f"{folder / SIDECAR}: not a {FORMAT} sidecar (format {meta.get('format')!r})")
     return meta

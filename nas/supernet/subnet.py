@@ -35,7 +35,7 @@ class VitnasSubnet(nn.Module):
         for st in arch.stages:
             stage = nn.Module()
             if prev is not None:
-                kernel = blocks.conv_kernel(st.pool, prev.exit_tokens, st.tokens)
+                kernel = blocks.conv_kernel(st.pool, prev.tokens, st.tokens)
                 stage.pool = blocks.make_pool(
                     prev.dim,
                     st.dim,

@@ -17,10 +17,11 @@ from nas.errors import UserError
 from nas.hardware.fingerprint import fingerprint
 from nas.hardware.latency_table import build_table, grid_points
 from nas.hardware.measure import measure
-from nas.hardware.parts import decompose, space_parts
+from nas.hardware.parts import PoolPart, decompose, space_parts
 from nas.hardware.predictor import LatencyPredictor, LatencyTable, Overhead, fit_overhead, interpolate
 from nas.hardware.target import Target
 from nas.space import load_space, space_from_dict
+from nas.supernet import blocks
 from nas.supernet.subnet import VitnasSubnet
 
 TARGET = Target.parse("cpu:threads=1,batch=2")
@@ -83,6 +84,28 @@ def test_parts_chain_into_the_subnet(tiny):
         x = torch.randn(2, 3, 8, 8)
         with torch.inference_mode():
             assert chain(x).shape == VitnasSubnet(arch).eval()(x).shape == (2, 3)
+
+
+def test_pools_enter_with_the_tokens_the_subnet_pools(monkeypatch):
+    """A positional pool after an in-stage reduction reads the restored positions, any other pool
+    the reduced tokens: the parts say what the subnet runs."""
+    space = load_space("psvit-digits")
+    seen, real = [], blocks.pool_forward
+    monkeypatch.setattr(
+        blocks,
+        "pool_forward",
+        lambda kind, p, x, out: seen.append((kind, x.shape[1])) or real(kind, p, x, out),
+    )
+    reducing = set()
+    for seed in range(40):
+        arch, seen[:] = space.sample(seed), []
+        with torch.inference_mode():
+            VitnasSubnet(arch).eval()(torch.randn(1, 3, 32, 32))
+        assert seen == [(p.kind, n) for p, n in decompose(arch) if isinstance(p, PoolPart)]
+        reducing |= {
+            (st.pool, prev.tokens != prev.exit_tokens) for prev, st in zip(arch.stages, arch.stages[1:])
+        }
+    assert {("conv1d", True), ("avg", True), ("tome", True)} <= reducing  # the cases that differ were drawn
 
 
 def test_grid_points_keep_both_ends():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -139,6 +140,16 @@ def test_checkpoint_of_another_space_is_refused_naming_both(trained):
         load_checkpoint(result.checkpoint.parent / SIDECAR, other)
 
 
+def test_checkpoint_of_an_earlier_pooling_is_refused(space, trained, tmp_path):
+    result, _ = trained
+    old = tmp_path / "old"
+    shutil.copytree(result.checkpoint.parent, old)
+    meta = json.loads((old / SIDECAR).read_text())
+    (old / SIDECAR).write_text(json.dumps({**meta, "format": "vitnas-supernet/1"}))
+    with pytest.raises(UserError, match="earlier vitnas.*train the supernet again"):
+        load_checkpoint(old, space)
+
+
 def test_evaluate_matches_a_plain_loop_over_the_extracted_subnet(space, splits, trained):
     result, _ = trained
     net, _ = load_checkpoint(result.checkpoint, space)
@@ -251,3 +262,23 @@ def test_supernet_accepts_every_sampled_member_of_the_tiny_space(space):
     with torch.no_grad():
         for seed in range(20):
             assert torch.isfinite(net(x, space.sample(seed))).all()
+
+
+def test_random_smallest_kinds_keep_the_smallest_sizes_and_vary_the_kinds():
+    import random
+
+    from nas.space import load_space
+    from nas.supernet.train import sandwich_archs
+
+    space = load_space("psvit-digits")
+    smallest = space.smallest()
+    config = TrainConfig(smallest_kinds="random")
+    draws = random.Random(0)
+    lower = [sandwich_archs(space, config, draws)[1] for _ in range(40)]
+    sizes = [[(s.tokens, s.dim, s.heads, s.mlp_ratio, len(s.cells)) for s in a.stages] for a in lower]
+    assert all(size == sizes[0] for size in sizes)
+    assert sizes[0] == [(s.tokens, s.dim, s.heads, s.mlp_ratio, len(s.cells)) for s in smallest.stages]
+    assert {a.stages[1].pool for a in lower} == {"conv1d", "avg", "tome"}
+    assert {a.stages[0].attention for a in lower} == {"softmax", "linear"}
+    fixed = sandwich_archs(space, TrainConfig(smallest_kinds="fixed"), draws)
+    assert fixed[:2] == [space.largest(), smallest] and len(fixed) == 2 + TrainConfig().random_subnets
