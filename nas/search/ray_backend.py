@@ -122,7 +122,7 @@ def run_ray_campaign(
         tracker.end("KILLED")
         raise
     _tell_unreported(study, _tune_reports(results), config.latency_budget_ms)
-    _fail_interrupted(study, tracker)  # trials still errored: running the command again retries them
+    _fail_interrupted(study, tracker)  # trials still errored: running the command again replaces them
     result = _finalise(study, space, scorer, tracker, config)
     tracker.end("FINISHED")
     result.ran_now = _done(study) - before
