@@ -292,14 +292,17 @@ class Campaign:
     def exists(self) -> bool:
         return self._oldest(f"tags.`{ROLE}` = 'campaign'") is not None
 
+    def _trial(self, trial_number: int) -> Run | None:
+        return self._oldest(f"tags.`{ROLE}` = 'trial' and tags.trial_number = '{int(trial_number)}'")
+
     def finished_trial(self, trial_number: int) -> TrialRecord | None:
-        """The trial's run if it has FINISHED (a restored experiment may run a finished trial again)."""
-        run = self._oldest(f"tags.`{ROLE}` = 'trial' and tags.trial_number = '{int(trial_number)}'")
+        """The trial's run if it has FINISHED (a retried trial may have finished before its node died)."""
+        run = self._trial(trial_number)
         return None if run is None or run.info.status != "FINISHED" else TrialRecord.from_run(run)
 
     def trial_run_id(self, trial_number: int) -> str:
         """The run of a trial number; ``UserError`` when the campaign has no such trial."""
-        run = self._oldest(f"tags.`{ROLE}` = 'trial' and tags.trial_number = '{int(trial_number)}'")
+        run = self._trial(trial_number)
         if run is None:
             raise UserError(f"campaign {self.name!r} has no trial {trial_number}")
         return run.info.run_id
@@ -356,7 +359,7 @@ class Campaign:
         parent = self._parent()
         params = _check_params({**arch.flatten(), **(params_extra or {})})
         digest = arch.arch_hash()
-        run = self._oldest(f"tags.`{ROLE}` = 'trial' and tags.trial_number = '{int(trial_number)}'")
+        run = self._trial(trial_number)
         if run is None:
             run = self.client.create_run(
                 self.experiment_id,

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from nas.errors import UserError
 from nas.pareto import pareto_front
 from nas.search.samplers import make_sampler
-from nas.search.scoring import Score, Scorer, SupernetScorer, make_scorer
+from nas.search.scoring import Score, Scorer, make_scorer
 from nas.space import SearchSpace
 from nas.sqlite_tuning import tune_sqlite
 from nas.tracking import FAILURE, Campaign
@@ -350,7 +350,7 @@ def _identity_tags(scorer: Scorer) -> dict[str, str]:
     (supernet checkpoint, or a timm model's weights file)."""
     tags = {"target": scorer.target.key(), "fingerprint": scorer.fingerprint.digest()}
     if scorer.weights_hash:
-        tags["supernet_hash" if isinstance(scorer, SupernetScorer) else "weights_hash"] = scorer.weights_hash
+        tags[scorer.weights_tag] = scorer.weights_hash
     return tags
 
 

@@ -142,11 +142,11 @@ def _fit(tuner, experiment: Path, trainable, rounds: int) -> list:
     results: list = []
     for attempt in range(rounds + 1):
         if tuner is None:
-            return results
+            break
         grid = tuner.fit()
         results = list(grid)
         if not grid.errors or attempt == rounds:
-            return results
+            break
         tuner = tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
     return results
 
@@ -185,7 +185,7 @@ def tell(study: optuna.Study, trial: optuna.Trial, result: dict | None, budget_m
     MLflow run, measured, the latency-budget constraint and the objectives; a candidate that failed
     on its own (or reported nothing) as FAIL."""
     if study._storage.get_trial(trial._trial_id).state.is_finished():
-        return  # told before the driver died; the restored experiment ran it again
+        return  # a resumed or retried trial reporting again: the first report stands
     result = result or {}
     if RUN_ID in result:
         trial.set_user_attr(RUN_ID, result[RUN_ID])
@@ -317,13 +317,13 @@ def _worker_state(job: _Job) -> tuple[Scorer, Campaign]:
         # one folder per driver workspace, as the local backend has one latency cache per workspace
         root = Path(tempfile.gettempdir()) / "vitnas-ray" / _digest(job.config.workspace)
         files = _unpack(job.files, root / "inputs" / job.parent_run_id) if job.files else None
-        weights = str(Path(files) / _WEIGHTS_FILE) if files and job.space.family == "timm" else None
+        timm = job.space.family == "timm"
         cache_url = job.config.cache_url
         local = replace(
             job.config,
             workspace=str(root),
-            supernet=None if weights or not files else files,
-            weights=weights,
+            supernet=files if files and not timm else None,
+            weights=str(Path(files) / _WEIGHTS_FILE) if files and timm else None,
             cache_url=None if cache_url.startswith("sqlite:") else cache_url,  # a sqlite file is node-local
         ).resolved()
         tracker = Campaign(job.config.tracking_uri, job.config.name)
@@ -367,7 +367,7 @@ def _trainable(params: dict, job: _Job) -> None:
     number = int(params[NUMBER])
     done = tracker.finished_trial(number)
     if done is not None and done.arch_hash == arch.arch_hash():
-        # finished before the driver died, after Tune's last checkpoint: report it, run nothing twice
+        # a retry of a trial that finished before its node died: report it, run nothing twice
         tune.report({NUMBER: number, RUN_ID: done.run_id, **done.metrics})
         return
     node = _node()

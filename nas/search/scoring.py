@@ -75,6 +75,7 @@ class Scorer(ABC):
 
     data_spec: str | None = None  # the validation data's spec, for the campaign's record
     weights_hash: str | None = None  # the weights' file hash, for the campaign's record
+    weights_tag = "weights_hash"  # the tag it is recorded under
 
     def __init__(
         self,
@@ -151,6 +152,8 @@ class SupernetScorer(Scorer):
     latency are both taken on the stand-alone network that export would write.
     """
 
+    weights_tag = "supernet_hash"
+
     def __init__(self, supernet, **kwargs):
         super().__init__(**kwargs)
         self.supernet = supernet
@@ -203,15 +206,14 @@ def make_scorer(
 
         shared["predictor"] = LatencyPredictor.load(predictor, expect=shared["fingerprint"], target=tgt)
     if space.family == "timm":
-        from nas.timm_base import timm_base_model
+        from nas.timm_base import timm_base_model, weights_file
+        from nas.weights import file_hash
 
         splits = load_splits(data or "digits", space.spec.image_size)
         scorer = TimmScorer(base_model=timm_base_model(space, weights), val_data=splits.val, **shared)
         scorer.data_spec = splits.spec.spec
-        if weights:
-            from nas.weights import file_hash
-
-            scorer.weights_hash = file_hash(weights)
+        path = weights_file(space, weights)
+        scorer.weights_hash = None if path is None else file_hash(path)
         return scorer
     if weights:
         raise UserError(f"space {space.name} is a supernet space: --weights is for timm spaces, pass --supernet")

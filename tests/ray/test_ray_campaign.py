@@ -123,22 +123,35 @@ def test_campaign_runs_on_the_target_nodes(ray_cluster, tiny_campaign, mlflow_se
     assert {"pareto.csv"} <= artifacts
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(420)
-def test_losing_the_worker_node_loses_no_finished_trial(ray_cluster, tiny_campaign, mlflow_server):
-    # enough trials that the node is lost with several still to run (one takes a second or two)
-    config = tiny_campaign.config("ray-node-loss", trials=12, tracking_uri=mlflow_server)
+def _submit_until_a_trial_finished(ray_cluster, tiny_campaign, config):
+    """Submit the campaign without waiting; once a first trial has finished (with more still to
+    run: 12 trials of a second or two each), its job id and the runs finished so far."""
     submitted = ray_cluster.submit(tiny_campaign.argv(config), wait=False)
     assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
     job_id = re.search(r"raysubmit_\w+", submitted.stdout + submitted.stderr).group(0)
-
-    tracker = Campaign(mlflow_server, config.name)
+    tracker = Campaign(config.tracking_uri, config.name)
 
     def finished_runs():  # polled often and cheaply: the tracking server only
         return tracker.exists() and [r for r in tracker.trial_runs() if r.status == "FINISHED"]
 
     before = wait_for(finished_runs, 240, "a first finished trial", every_s=0.2)
-    assert len(before) < config.trials, "every trial finished before the node was lost"
+    assert len(before) < config.trials, "every trial finished before the fault"
+    return job_id, before
+
+
+def _check_finished_kept(records, before) -> None:
+    """Nothing that had finished before the fault was lost or changed."""
+    after = {r.run_id: r for r in records.runs}
+    for run in before:
+        assert after[run.run_id].status == "FINISHED"
+        assert after[run.run_id].metrics["val_accuracy"] == run.metrics["val_accuracy"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_losing_the_worker_node_loses_no_finished_trial(ray_cluster, tiny_campaign, mlflow_server):
+    config = tiny_campaign.config("ray-node-loss", trials=12, tracking_uri=mlflow_server)
+    job_id, before = _submit_until_a_trial_finished(ray_cluster, tiny_campaign, config)
     (lost_port,) = ray_cluster.workers
     ray_cluster.kill_worker(lost_port)  # mid-campaign: trials were still to run
     ray_cluster.add_worker(TARGET_RESOURCE)  # a replacement node of the target's kind joins
@@ -147,10 +160,7 @@ def test_losing_the_worker_node_loses_no_finished_trial(ray_cluster, tiny_campai
     assert "campaign ray-node-loss: 12 finished, 0 failed" in logs, logs[-4000:]
 
     records = search_fixtures.check_campaign(config)
-    after = {r.run_id: r for r in records.runs}
-    for run in before:  # nothing finished before the loss was lost or changed
-        assert after[run.run_id].status == "FINISHED"
-        assert after[run.run_id].metrics["val_accuracy"] == run.metrics["val_accuracy"]
+    _check_finished_kept(records, before)
     finished = [r for r in records.runs if r.status == "FINISHED"]
     assert len(finished) == 12
     assert len(_check_on_target(finished)) == 2  # the lost worker and its replacement
@@ -159,30 +169,18 @@ def test_losing_the_worker_node_loses_no_finished_trial(ray_cluster, tiny_campai
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_campaign_whose_driver_died_resumes_where_it_stopped(ray_cluster, tiny_campaign, mlflow_server):
-    """The same command again restores the Tune experiment: finished trials are kept, none runs twice."""
+    """The same command again runs only the missing trials: finished ones are kept, none runs twice."""
     config = tiny_campaign.config("ray-driver-loss", trials=12, tracking_uri=mlflow_server)
-    submitted = ray_cluster.submit(tiny_campaign.argv(config), wait=False)
-    assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
-    job_id = re.search(r"raysubmit_\w+", submitted.stdout + submitted.stderr).group(0)
-    tracker = Campaign(mlflow_server, config.name)
-
-    def finished_runs():
-        return tracker.exists() and [r for r in tracker.trial_runs() if r.status == "FINISHED"]
-
-    before = wait_for(finished_runs, 240, "a first finished trial", every_s=0.2)
+    job_id, before = _submit_until_a_trial_finished(ray_cluster, tiny_campaign, config)
     ray_cluster.stop_job(job_id)  # the driver dies mid-campaign
     assert ray_cluster.wait_job(job_id)[0] == "STOPPED"
-    assert len(before) < config.trials, "every trial finished before the driver died"
 
     again = ray_cluster.submit(tiny_campaign.argv(config))
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
     assert re.search(r"campaign ray-driver-loss: 12 finished, \d+ failed", again.stdout), again.stdout[-4000:]
 
     records = search_fixtures.check_campaign(config)  # one run per trial number, Optuna agrees
-    after = {r.run_id: r for r in records.runs}
-    for run in before:
-        assert after[run.run_id].status == "FINISHED"
-        assert after[run.run_id].metrics["val_accuracy"] == run.metrics["val_accuracy"]
+    _check_finished_kept(records, before)
     assert len([r for r in records.runs if r.status == "FINISHED"]) == 12
     failed = [r for r in records.runs if r.status == "FAILED"]
     assert all(r.tags["vitnas.failure"] == "interrupted" for r in failed)  # cut off by the driver's end only
