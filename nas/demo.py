@@ -120,6 +120,6 @@ def _auto_budget(space, scorer, log) -> float:
     small, large = (scorer.score(arch).latency_ms for arch in (space.smallest(), space.largest()))
     budget = math.sqrt(small * large)
     log(
-        f"latency budget {budget:.3f} ms (between smallest {small:.3f} ms and largest {large:.3f} ms on this machine)"
+        f"latency budget {budget:.3f} ms (geometric mean of the smallest member's {small:.3f} ms and the largest's {large:.3f} ms here)"
     )
     return budget
