@@ -54,9 +54,14 @@ def default_tracking_uri(workspace: str | Path) -> str:
     return f"sqlite:///{Path(workspace).resolve() / 'mlflow.db'}"
 
 
-def connect(tracking_uri: str) -> MlflowClient:
+def connect(tracking_uri: str, after_fork: bool = False) -> MlflowClient:
     """A client for the store; a sqlite file's folder is created first (SQLAlchemy will not), and
-    its engine gets ``tune_sqlite``'s settings (a trial's writes took ~52 ms, ~42 ms with them)."""
+    its engine gets ``tune_sqlite``'s settings (a trial's writes took ~52 ms, ~42 ms with them).
+
+    ``after_fork``: this process was forked from one that used the store; MLflow caches one store
+    per URI, so its pooled database connections are the parent's: they are dropped, unclosed
+    (SQLAlchemy's recipe for forked processes), and this process opens its own.
+    """
     if tracking_uri.startswith("file:") or "://" not in tracking_uri:
         raise UserError(
             f"tracking URI {tracking_uri!r}: use sqlite:///path/mlflow.db or an MLflow server "
@@ -66,11 +71,12 @@ def connect(tracking_uri: str) -> MlflowClient:
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(tracking_uri)
-    if db is not None:
-        # MLflow keeps one store (and engine) per URI; it has no public way to reach the engine
-        engine = getattr(getattr(getattr(client, "_tracking_client", None), "store", None), "engine", None)
-        if engine is not None:
-            tune_sqlite(engine)
+    # MLflow keeps one store (and engine) per URI; it has no public way to reach the engine
+    engine = getattr(getattr(getattr(client, "_tracking_client", None), "store", None), "engine", None)
+    if engine is not None and after_fork:
+        engine.dispose(close=False)
+    if engine is not None and db is not None:
+        tune_sqlite(engine)
     return client
 
 
@@ -255,11 +261,11 @@ class Campaign:
     """One search campaign in MLflow: a parent run, found again by its name on resume, and one
     child run per trial."""
 
-    def __init__(self, tracking_uri: str, name: str, experiment: str = "vitnas"):
+    def __init__(self, tracking_uri: str, name: str, experiment: str = "vitnas", after_fork: bool = False):
         if not name or re.search(r"['\"\\`]", name):
             raise UserError(f"campaign name {name!r}: must be non-empty, without quotes or backslashes")
         self.tracking_uri, self.name = tracking_uri, name
-        self.client = connect(tracking_uri)
+        self.client = connect(tracking_uri, after_fork=after_fork)
         self.experiment_id = experiment_id(self.client, tracking_uri, experiment)
         self.parent_run_id: str | None = None
 
@@ -350,16 +356,18 @@ class Campaign:
         arch: ArchConfig | TimmArch,
         params_extra: dict | None = None,
         tags: dict | None = None,
+        new: bool = False,
     ) -> str:
         """The RUNNING child run of a trial: params = the flattened architecture (+ extras), ``arch.yaml``.
 
         Running a trial number again reuses its run if it is the same architecture with the
         same params, and raises ``ValueError`` otherwise (MLflow params cannot change).
+        ``new``: the caller knows the number has no run yet (a fresh Optuna trial), which saves a query.
         """
         parent = self._parent()
         params = _check_params({**arch.flatten(), **(params_extra or {})})
         digest = arch.arch_hash()
-        run = self._trial(trial_number)
+        run = None if new else self._trial(trial_number)
         if run is None:
             run = self.client.create_run(
                 self.experiment_id,

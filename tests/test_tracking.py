@@ -225,7 +225,7 @@ def test_sqlite_stores_commit_without_waiting_for_the_disk(tmp_path):
     """The MLflow store and the Optuna study a campaign writes every trial: WAL, synchronous NORMAL."""
     from sqlalchemy import text
 
-    from nas.search.campaign import open_storage
+    from nas.search.storage import open_storage
 
     client = connect(f"sqlite:///{tmp_path / 'mlflow.db'}")
     client.create_experiment("x")

@@ -5,6 +5,10 @@ again resumes it: finished trials are kept, trials a killed process left RUNNING
 failed (in Optuna and in MLflow), and the loop runs only the trials still missing. The Pareto
 front over all finished trials is recomputed and tagged at the end of every run.
 
+The loop asks and tells an in-memory copy of the study; the study's storage and MLflow get every
+trial from a background writer (``nas.search.mirror``), paused while latency is measured, so
+store writes cost a trial almost nothing. Ctrl-C lets the writer finish before the campaign ends.
+
 With a latency predictor, a candidate is measured only when it may matter: predicted within
 the budget and not clearly dominated by what is already measured. Before the front is
 reported, any unmeasured candidate on it is measured, until the whole front is measured.
@@ -13,7 +17,9 @@ reported, any unmeasured candidate on it is measured, until the whole front is m
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import optuna
@@ -22,10 +28,12 @@ from tqdm.auto import tqdm
 
 from nas.errors import UserError
 from nas.pareto import pareto_front
+from nas.search.background_writer import BackgroundWriter
+from nas.search.mirror import RUN_ID, RunOutcome, StoreSettings, StudyMirror, TrialStores
 from nas.search.samplers import make_sampler
 from nas.search.scoring import Score, Scorer, make_scorer
+from nas.search.storage import open_storage
 from nas.space import SearchSpace
-from nas.sqlite_tuning import tune_sqlite
 from nas.tracking import FAILURE, Campaign
 
 #: A candidate is skipped (not measured) when predicted this much over the budget ...
@@ -98,7 +106,8 @@ def run_campaign(
 ) -> CampaignResult:
     """Run (or resume) the campaign until ``config.trials`` trials have finished."""
     config = config.resolved()
-    study = _open_study(config, space, scorer)
+    storage = open_storage(config.storage)
+    study = _open_study(config, space, scorer, storage)
     tracker = Campaign(config.tracking_uri, config.name)
     tracker.start_or_resume(
         params=_campaign_params(config, space, scorer), tags=_campaign_tags(config, space, scorer)
@@ -114,19 +123,28 @@ def run_campaign(
         disable=not progress,
         dynamic_ncols=True,
     )
+    settings = StoreSettings(
+        storage, config.name, config.tracking_uri, config.name, tracker.parent_run_id, _identity_tags(scorer)
+    )
+    writer = BackgroundWriter(partial(TrialStores, settings))
     try:
+        mirror = StudyMirror(study, writer)
         for _ in range(todo):
-            _run_trial(study, space, scorer, tracker, config)
+            _run_trial(mirror, space, scorer, config)
             ran += 1
             bar.update()
             if progress:  # the note reads every finished trial: only for a bar someone sees
-                bar.set_postfix_str(_progress_note(study, config.latency_budget_ms))
+                bar.set_postfix_str(_progress_note(mirror.working, config.latency_budget_ms))
+        writer.drain()
     except KeyboardInterrupt:
         bar.close()
-        _fail_interrupted(study, tracker)  # Ctrl-C outside scoring can leave the trial RUNNING
+        writer.drain()  # what was told is written
+        _fail_interrupted(study, tracker)  # Ctrl-C between a trial's writes can leave it RUNNING
         _finalise(study, space, scorer, tracker, config)
         tracker.end("KILLED")
         raise
+    finally:
+        writer.close()
     bar.close()
     result = _finalise(study, space, scorer, tracker, config)
     tracker.end("FINISHED")
@@ -135,10 +153,12 @@ def run_campaign(
 
 
 # -- study -------------------------------------------------------------------------------------
-def _open_study(config: CampaignConfig, space: SearchSpace, scorer: Scorer) -> optuna.Study:
+def _open_study(
+    config: CampaignConfig, space: SearchSpace, scorer: Scorer, storage: optuna.storages.RDBStorage
+) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
-        storage=open_storage(config.storage),
+        storage=storage,
         study_name=config.name,
         directions=["maximize", "minimize"],
         sampler=make_sampler(config.sampler, config.seed, config.trials),
@@ -159,15 +179,6 @@ def _open_study(config: CampaignConfig, space: SearchSpace, scorer: Scorer) -> o
     return study
 
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """The Optuna storage at ``url`` (any SQLAlchemy URL); a sqlite file gets ``tune_sqlite``'s
-    settings: Optuna commits every suggested parameter on its own, and with each commit waiting
-    for the disk ~0.7 s of a psvit-digits trial went there, ~0.06 s with them."""
-    storage = optuna.storages.RDBStorage(url)
-    tune_sqlite(storage.engine)
-    return storage
-
-
 def _fail_interrupted(study: optuna.Study, tracker: Campaign) -> None:
     """Trials a killed run left RUNNING: failed in Optuna (tagged interrupted) and in MLflow.
 
@@ -176,8 +187,8 @@ def _fail_interrupted(study: optuna.Study, tracker: Campaign) -> None:
     """
     storage = study._storage
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if "mlflow_run_id" in trial.user_attrs:
-            tracker.finish_trial(trial.user_attrs["mlflow_run_id"], {}, "FAILED", {FAILURE: "interrupted"})
+        if RUN_ID in trial.user_attrs:
+            tracker.finish_trial(trial.user_attrs[RUN_ID], {}, "FAILED", {FAILURE: "interrupted"})
         storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
         storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
     tracker.close_stale_trials(keep_running=set())
@@ -190,38 +201,38 @@ def _done(study: optuna.Study) -> int:
 
 
 # -- one trial -----------------------------------------------------------------------------------
-def _run_trial(study, space, scorer: Scorer, tracker: Campaign, config: CampaignConfig) -> None:
+def _run_trial(mirror: StudyMirror, space, scorer: Scorer, config: CampaignConfig) -> None:
+    study = mirror.working
     trial = study.ask()
     arch = space.from_trial(trial)
     trial.set_user_attr("arch_hash", arch.arch_hash())
-    run_id = tracker.trial_run(trial.number, arch, tags=_identity_tags(scorer))
-    trial.set_user_attr("mlflow_run_id", run_id)
+    mirror.open(trial, arch)
     try:
-        score, failure = evaluate(scorer, arch, should_measure=_measurement_policy(study, config))
+        policy = _measurement_policy(study, config)
+        score, failure = evaluate(scorer, arch, should_measure=policy, while_measuring=mirror.writer.paused)
     except (KeyboardInterrupt, UserError) as err:
         if isinstance(err, KeyboardInterrupt):  # not the candidate's failure: resume runs another
             trial.set_user_attr(INTERRUPTED, True)
         study.tell(trial, state=TrialState.FAIL)
-        reason = "interrupted" if isinstance(err, KeyboardInterrupt) else str(err)
-        tracker.finish_trial(run_id, {}, "FAILED", {"vitnas.failure": reason[:500]})
+        mirror.close(trial, run_outcome(None, "interrupted" if isinstance(err, KeyboardInterrupt) else str(err)))
         raise
-    if failure is not None:
+    if failure is None:
+        annotate(trial, score.measured is not None, score.latency_ms, config.latency_budget_ms)
+        study.tell(trial, [score.accuracy, score.latency_ms])
+    else:
         study.tell(trial, state=TrialState.FAIL)
-        log_outcome(tracker, run_id, score, failure)
         tqdm.write(f"trial {trial.number} failed: {failure}")
-        return
-    annotate(trial, score.measured is not None, score.latency_ms, config.latency_budget_ms)
-    # MLflow first: a kill in between leaves the trial RUNNING in Optuna, and resuming fails both
-    log_outcome(tracker, run_id, score, None)
-    study.tell(trial, [score.accuracy, score.latency_ms])
+    mirror.close(trial, run_outcome(score, failure))
 
 
-def evaluate(scorer: Scorer, arch, should_measure=None) -> tuple[Score | None, str | None]:
+def evaluate(
+    scorer: Scorer, arch, should_measure=None, while_measuring=nullcontext
+) -> tuple[Score | None, str | None]:
     """``(score, None)``, or ``(score or None, why it failed)``: one candidate's failure is recorded
     and the campaign goes on. Ctrl-C and user errors are not the candidate's: they propagate.
     Shared by the local and the Ray backends."""
     try:
-        score = scorer.score(arch, should_measure=should_measure)
+        score = scorer.score(arch, should_measure=should_measure, while_measuring=while_measuring)
     except (KeyboardInterrupt, UserError):
         raise
     except Exception as err:
@@ -229,13 +240,16 @@ def evaluate(scorer: Scorer, arch, should_measure=None) -> tuple[Score | None, s
     return score, None if score.ok else score.measured.error
 
 
-def log_outcome(tracker: Campaign, run_id: str, score: Score | None, failure: str | None) -> None:
-    """End a trial's child run: FINISHED with its metrics, or FAILED with why."""
+def run_outcome(score: Score | None, failure: str | None) -> RunOutcome:
+    """How a trial's child run ends: FINISHED with its metrics, or FAILED with why."""
     if failure is None:
-        tracker.finish_trial(run_id, score.metrics(), "FINISHED", _trial_tags(score))
-    else:
-        metrics = {} if score is None else score.metrics()
-        tracker.finish_trial(run_id, metrics, "FAILED", {"vitnas.failure": failure[:500]})
+        return score.metrics(), "FINISHED", _trial_tags(score)
+    return ({} if score is None else score.metrics()), "FAILED", {FAILURE: failure[:500]}
+
+
+def log_outcome(tracker: Campaign, run_id: str, score: Score | None, failure: str | None) -> None:
+    """End a trial's child run (see ``run_outcome``)."""
+    tracker.finish_trial(run_id, *run_outcome(score, failure))
 
 
 def annotate(trial, measured: bool, latency_ms: float, budget_ms: float | None) -> None:

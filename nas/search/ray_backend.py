@@ -42,11 +42,11 @@ from nas.search.campaign import (
     annotate,
     evaluate,
     log_outcome,
-    open_storage,
     scorer_for,
 )
 from nas.search.samplers import make_sampler
 from nas.search.scoring import Scorer
+from nas.search.storage import open_storage
 from nas.space import SearchSpace
 from nas.tracking import Campaign
 
@@ -96,7 +96,7 @@ def run_ray_campaign(
     config = config.resolved()
     if config.predictor:
         raise UserError("--predictor works with the local backend only: on Ray every candidate is measured")
-    study = _open_study(config, space, scorer)
+    study = _open_study(config, space, scorer, open_storage(config.storage))
     tracker = Campaign(config.tracking_uri, config.name)
     tags = {
         **_campaign_tags(config, space, scorer),

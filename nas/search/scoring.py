@@ -20,6 +20,7 @@ import dataclasses
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -118,10 +119,16 @@ class Scorer(ABC):
         self.cache.put(arch.arch_hash(), self.fingerprint, self.target, result)
         return result
 
-    def score(self, arch, should_measure: Callable[[float, float | None], bool] | None = None) -> Score:
+    def score(
+        self,
+        arch,
+        should_measure: Callable[[float, float | None], bool] | None = None,
+        while_measuring: Callable[[], AbstractContextManager] = nullcontext,
+    ) -> Score:
         """Accuracy, cost and latency: cached, else measured, unless ``should_measure(accuracy,
         predicted_ms)`` says the prediction is enough. A candidate scored before (and measured, when
-        measuring is asked for) is not scored again."""
+        measuring is asked for) is not scored again. The measurement runs inside
+        ``while_measuring()`` (a campaign's background writer pauses there)."""
         known = self._scores.get(arch.arch_hash())
         if known is not None and (known.measured is not None or should_measure is not None):
             return dataclasses.replace(known, cached=True, timings={})
@@ -138,8 +145,10 @@ class Scorer(ABC):
         if cached is not None:
             score.measured, score.cached = cached, True
         elif should_measure is None or should_measure(accuracy, score.predicted_ms):
-            score.measured = self.measure(arch, model)
-            timings["measure"] = time.perf_counter() - t2
+            with while_measuring():  # the time to get there (a writer finishing its job) is not measuring
+                t3 = time.perf_counter()
+                score.measured = self.measure(arch, model)
+                timings["measure"] = time.perf_counter() - t3
         score.timings = timings
         self._scores[arch.arch_hash()] = score
         return score

@@ -1,9 +1,13 @@
 """Interrupted campaigns: killed (SIGKILL) or stopped with Ctrl-C (SIGINT) through the real CLI, then
-resumed by running the same command again; and a campaign name reused for another space or target."""
+resumed by running the same command again; and a campaign name reused for another space or target.
+
+The CLI runs in a process group of its own and signals go to the whole group, as a terminal sends
+Ctrl-C: the campaign and its record-writer process alike."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sqlite3
 import subprocess
@@ -17,17 +21,21 @@ import yaml
 from optuna.trial import TrialState
 
 from nas.cli import main
+from nas.search import campaign as campaign_module
 from nas.search.campaign import INTERRUPTED, run_campaign
-from nas.tracking import Campaign
+from nas.search.mirror import StudyMirror
 
-TRIALS = 4
+TRIALS = 6  # enough that the poll below meets a trial running in the store
 
 
 def start(tiny, config, log: Path) -> subprocess.Popen:
-    """``vitnas search ...`` in a process of its own, output to ``log``."""
+    """``vitnas search ...`` in a process group of its own, output to ``log``."""
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "nas.cli", *tiny.search_argv(config)], stdout=out, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "nas.cli", *tiny.search_argv(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
 
@@ -49,10 +57,12 @@ def trial_states(config) -> list[tuple[int, str, bool]]:
 
 
 def interrupt_mid_trial(proc: subprocess.Popen, config, sig: int, log: Path, timeout_s: float = 300) -> int:
-    """Send ``sig`` once two trials are COMPLETE and another is being scored; returns its number.
+    """Send ``sig`` to the CLI's process group once two trials are COMPLETE in the study and another
+    is RUNNING there with its MLflow run; returns that trial's number.
 
-    The process is stopped (SIGSTOP) while its state is read, so that the trial seen running is the
-    one the signal interrupts; if none is, it continues and the poll goes on.
+    The group is stopped (SIGSTOP) while the study is read, so that what is read is what the signal
+    meets; if no trial is running, it continues and the poll goes on. The campaign itself may be
+    a trial ahead of its stores (they are written in the background).
     """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -62,15 +72,15 @@ def interrupt_mid_trial(proc: subprocess.Popen, config, sig: int, log: Path, tim
             )
         states = trial_states(config)
         if sum(s == "COMPLETE" for _, s, _ in states) >= 2 and any(s == "RUNNING" for _, s, _ in states):
-            proc.send_signal(signal.SIGSTOP)
+            os.killpg(proc.pid, signal.SIGSTOP)
             running = [n for n, s, logged in trial_states(config) if s == "RUNNING" and logged]
             if running:
-                proc.send_signal(sig)
-                proc.send_signal(signal.SIGCONT)
+                os.killpg(proc.pid, sig)
+                os.killpg(proc.pid, signal.SIGCONT)
                 return running[0]
-            proc.send_signal(signal.SIGCONT)
+            os.killpg(proc.pid, signal.SIGCONT)
         time.sleep(0.02)
-    proc.kill()
+    os.killpg(proc.pid, signal.SIGKILL)
     pytest.fail(f"no trial to interrupt within {timeout_s} s:\n{log.read_text()}")
 
 
@@ -112,27 +122,30 @@ def test_killed_campaign_resumes_without_losing_or_repeating_trials(tiny, campai
 def test_ctrl_c_stops_cleanly_and_resumes(tiny, campaign, tmp_path):
     log = tmp_path / "search.log"
     proc = start(tiny, campaign, log)
-    stopped = interrupt_mid_trial(proc, campaign, signal.SIGINT, log)
+    running = interrupt_mid_trial(proc, campaign, signal.SIGINT, log)
     assert proc.wait(timeout=120) == 130, log.read_text()
     assert log.read_text().strip().splitlines()[-1] == "vitnas: interrupted"
 
     records = tiny.check(campaign)  # nothing left RUNNING, the front over the finished trials tagged
     assert records.parent.info.status == "KILLED"
-    assert records.trials[stopped].state == TrialState.FAIL
-    assert records.trials[stopped].user_attrs[INTERRUPTED] is True
+    # what the campaign had told was written; the trial it was in, if any, failed as interrupted
+    interrupted = [t.number for t in records.trials if t.user_attrs.get(INTERRUPTED)]
+    assert len(interrupted) <= 1 and all(n >= running for n in interrupted)
+    assert all(t.state == TrialState.COMPLETE for t in records.trials if t.number not in interrupted)
     assert sum(r.tags.get("pareto") == "true" for r in records.runs) >= 1
 
     records = resume(tiny, campaign)
-    assert len(records.trials) == TRIALS + 1
+    assert len(records.trials) == TRIALS + len(interrupted)
 
 
-@pytest.mark.parametrize("where", ["trial_run", "finish_trial", "tell"])
+@pytest.mark.parametrize("where", ["open", "evaluate", "tell", "close"])
 def test_ctrl_c_anywhere_in_a_trial_leaves_consistent_records(
     tiny, tmp_path, sqlite_tracking_uri, monkeypatch, where
 ):
-    """Ctrl-C right after the second trial's run is created, its run finished, or its result told to Optuna."""
+    """Ctrl-C in the second trial right after its records are queued, it is scored, it is told to
+    the in-memory study, or its end is queued."""
     config = tiny.config(tmp_path, f"ctrl-c-{where}", 2, tracking_uri=sqlite_tracking_uri)
-    owner = optuna.Study if where == "tell" else Campaign
+    owner = {"open": StudyMirror, "close": StudyMirror, "evaluate": campaign_module, "tell": optuna.Study}[where]
     original, calls = getattr(owner, where), []
 
     def then_interrupt(*args, **kwargs):
@@ -148,6 +161,11 @@ def test_ctrl_c_anywhere_in_a_trial_leaves_consistent_records(
         run_campaign(config, tiny.space, scorer, progress=False)
     records = tiny.check(config)
     assert records.parent.info.status == "KILLED"
+    second = records.trials[1]
+    if where == "close":  # told and queued: written in full before the campaign stopped
+        assert second.state == TrialState.COMPLETE
+    else:
+        assert second.state == TrialState.FAIL and second.user_attrs[INTERRUPTED] is True
 
     monkeypatch.setattr(owner, where, original)
     run_campaign(config, tiny.space, scorer, progress=False)

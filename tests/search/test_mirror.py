@@ -1,0 +1,92 @@
+"""The in-memory study and its writer: rows equal to Optuna's own, trial numbers guarded, and no
+store write while a latency is measured."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from nas.errors import UserError
+from nas.search.campaign import run_campaign
+from nas.search.mirror import StoreSettings, TrialStores
+from nas.search.scoring import Scorer
+from nas.search.storage import create_running_trial, open_storage
+from nas.tracking import Campaign
+
+
+def asked_trial(seed: int = 0) -> optuna.trial.FrozenTrial:
+    """A RUNNING trial with every kind of parameter and attribute, from an in-memory study."""
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed))
+    trial = study.ask()
+    trial.suggest_categorical("kind", ["tome", "evit", None])
+    trial.suggest_int("depth", 1, 12)
+    trial.suggest_float("ratio", 0.5, 4.0, log=True)
+    trial.suggest_float("keep", 0.1, 0.9, step=0.1)
+    trial.set_user_attr("arch_hash", "abc123")
+    trial.set_user_attr("nested", {"a": [1, 2.5, None]})
+    study._storage.set_trial_system_attr(trial._trial_id, "constraints", [0.5])
+    return study._storage.get_trial(trial._trial_id)
+
+
+def test_create_running_trial_writes_what_optunas_own_path_writes(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    ours = optuna.create_study(storage=storage, study_name="ours", directions=["maximize", "minimize"])
+    theirs = optuna.create_study(storage=storage, study_name="theirs", directions=["maximize", "minimize"])
+    for seed in range(3):
+        template = asked_trial(seed)
+        trial_id, number = create_running_trial(storage, ours._study_id, template)
+        assert number == seed and storage.get_trial_number_from_id(trial_id) == seed
+        storage.create_new_trial(theirs._study_id, template_trial=template)
+    for mine, reference in zip(ours.get_trials(), theirs.get_trials(), strict=True):
+        assert mine.state == reference.state == TrialState.RUNNING
+        for field in ("number", "params", "distributions", "user_attrs", "system_attrs", "datetime_start"):
+            assert getattr(mine, field) == getattr(reference, field), field
+
+
+def test_trials_stored_under_other_numbers_stop_the_campaign(tiny, tmp_path, sqlite_tracking_uri):
+    """Another process writing the same study: the writer refuses instead of mixing trial numbers."""
+    config = tiny.config(tmp_path, "twice", 2, tracking_uri=sqlite_tracking_uri)
+    storage = open_storage(config.storage)
+    study = optuna.create_study(storage=storage, study_name=config.name, directions=["maximize", "minimize"])
+    parent = Campaign(config.tracking_uri, config.name).start_or_resume()
+    stores = TrialStores(StoreSettings(storage, config.name, config.tracking_uri, config.name, parent, {}))
+    storage.create_new_trial(study._study_id)  # the other process's trial 0
+    with pytest.raises(UserError, match="trial 0 was stored as number 1: another process is running"):
+        stores.open_trial(asked_trial(0), tiny.space.sample(0))
+
+
+def test_no_store_write_while_a_latency_is_measured(tiny, tmp_path, sqlite_tracking_uri, monkeypatch):
+    """Every record write (in the writer process) falls outside every measurement (in the campaign)."""
+    writes, measurements = tmp_path / "writes.txt", []
+
+    def logged(method):
+        def call(self, *args):
+            start = time.monotonic()
+            method(self, *args)
+            with open(writes, "a") as f:  # the writer is another process: it reports through a file
+                f.write(f"{start} {time.monotonic()}\n")
+
+        return call
+
+    def timed_measure(self, *args, **kwargs):
+        start = time.monotonic()
+        result = original_measure(self, *args, **kwargs)
+        measurements.append((start, time.monotonic()))
+        return result
+
+    original_measure = Scorer.measure
+    monkeypatch.setattr(TrialStores, "open_trial", logged(TrialStores.open_trial))
+    monkeypatch.setattr(TrialStores, "close_trial", logged(TrialStores.close_trial))
+    monkeypatch.setattr(Scorer, "measure", timed_measure)
+    config = tiny.config(tmp_path, "quiet-measurements", 8, tracking_uri=sqlite_tracking_uri)
+    run_campaign(config, tiny.space, tiny.scorer(config), progress=False)
+
+    jobs = [tuple(map(float, line.split())) for line in Path(writes).read_text().splitlines()]
+    assert len(jobs) == 16 and len(measurements) >= 4
+    overlaps = [(j, m) for j in jobs for m in measurements if j[0] < m[1] and m[0] < j[1]]
+    assert overlaps == []
+    tiny.check(config)
