@@ -19,8 +19,8 @@ the supernet's weights, FLOPs by fvcore, latency measured on the target).
 What tracking costs a trial, all effects included (the writer process competing for the CPU,
 its final drain), is measured as an A/B pair, repeated and interleaved: the same trials
 (random sampler, same seed, so the same architectures) run (A) as a real campaign and (B) as a
-bare loop with no store at all (in-memory Optuna, the same scorer), each with a fresh latency cache
-so both measure every architecture. Overhead = A's trial loop (first trial to the last record
+bare loop with no store at all (in-memory Optuna, the same scorer), each in a fresh process (as
+``vitnas search`` runs one campaign) with a fresh latency cache, so both measure every architecture. Overhead = A's trial loop (first trial to the last record
 written) minus B's, both without the time spent inside latency measurements, which varies with
 machine noise alone (the writer is paused then); as a share of A's trial loop. The raw difference
 is reported too.
@@ -42,6 +42,8 @@ import logging
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import time
 import warnings
 from contextlib import contextmanager
@@ -204,22 +206,34 @@ def bare_loop(space, scorer, seed: int, trials: int) -> tuple[float, float, list
     return time.perf_counter() - t0, measuring, archs
 
 
-def overhead_pair(args, space, checkpoint: Path, workspace: Path, repeat: int) -> dict:
-    """A (real campaign) and B (bare loop) over the same random-sampler trials, in alternating order."""
+def run_arm(args, space, checkpoint: Path, workspace: Path, arm: str, repeat: int) -> dict:
+    """One arm of an overhead pair: (A) the real campaign or (B) the bare loop, with a fresh cache."""
+    config = campaign_config(args, space, checkpoint, workspace, f"overhead-{repeat}", "random", repeat,
+                             workspace / f"cache-{arm}-{repeat}.sqlite")  # fmt: skip  (fresh: all measured)
+    scorer = scorer_for(config, space)
+    if arm == "bare":
+        loop, measuring, archs = bare_loop(space, scorer, repeat, args.trials)
+    else:
+        with clocked(scorer) as (times, span):
+            run_campaign(config, space, scorer, progress=False)
+        loop, measuring = span["end"] - span["start"], sum(t.measure for t in times)
+        study = optuna.load_study(study_name=config.name, storage=config.storage)
+        archs = [t.user_attrs["arch_hash"] for t in sorted(study.trials, key=lambda t: t.number)]
+    return {"loop_s": loop, "measuring_s": measuring, "archs": archs}
+
+
+def overhead_pair(args, checkpoint: Path, workspace: Path, repeat: int) -> dict:
+    """A (real campaign) and B (bare loop) over the same random-sampler trials, in alternating order,
+    each in a fresh process as ``vitnas search`` runs a campaign (no state left by earlier runs)."""
     out = {"repeat": repeat}
     for arm in ("campaign", "bare") if repeat % 2 == 0 else ("bare", "campaign"):
-        config = campaign_config(args, space, checkpoint, workspace, f"overhead-{repeat}", "random", repeat,
-                                 workspace / f"cache-{arm}-{repeat}.sqlite")  # fmt: skip  (fresh: all measured)
-        scorer = scorer_for(config, space)
-        if arm == "bare":
-            loop, measuring, archs = bare_loop(space, scorer, repeat, args.trials)
-        else:
-            with clocked(scorer) as (times, span):
-                run_campaign(config, space, scorer, progress=False)
-            loop, measuring = span["end"] - span["start"], sum(t.measure for t in times)
-            study = optuna.load_study(study_name=config.name, storage=config.storage)
-            archs = [t.user_attrs["arch_hash"] for t in sorted(study.trials, key=lambda t: t.number)]
-        out[arm] = {"loop_s": loop, "measuring_s": measuring, "archs": archs}
+        argv = [sys.executable, __file__, "--arm", arm, "--repeat", str(repeat), "--supernet", str(checkpoint),
+                "--workspace", str(workspace), "--trials", str(args.trials), "--target", args.target,
+                "--measure-budget-s", str(args.measure_budget_s)]  # fmt: skip
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"search_efficiency: the {arm} arm failed:\n{done.stdout}{done.stderr}")
+        out[arm] = json.loads(done.stdout.strip().splitlines()[-1])
     a, b = out["campaign"], out["bare"]
     out["same_archs"] = a["archs"] == b["archs"]
     out["overhead_s"] = (a["loop_s"] - a["measuring_s"]) - (b["loop_s"] - b["measuring_s"])
@@ -355,6 +369,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULT)
     parser.add_argument("--pairs", type=int, default=5, help="A/B pairs of the overhead measurement")
     parser.add_argument("--quick", action="store_true", help="8 trials, 1 seed, 2 pairs, 1-epoch supernet")
+    parser.add_argument("--arm", choices=("campaign", "bare"), help=argparse.SUPPRESS)  # one arm, as JSON
+    parser.add_argument("--repeat", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.trials, args.seeds, args.pairs, args.supernet_epochs = 8, 1, 2, 1
@@ -364,8 +380,11 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
-    started = datetime.now(timezone.utc)
     space = load_space(SPACE)
+    if args.arm:
+        print(json.dumps(run_arm(args, space, Path(args.supernet), args.workspace, args.arm, args.repeat)))
+        return
+    started = datetime.now(timezone.utc)
     try:
         checkpoint, meta = supernet(args, space)
     except UserError as err:  # e.g. a checkpoint of other settings in the workspace
@@ -380,7 +399,7 @@ def main() -> None:
                   f"{r['distinct_archs']} distinct, front {r['front_size']}", flush=True)  # fmt: skip
     pairs = []
     for repeat in range(args.pairs):
-        pairs.append(overhead_pair(args, space, checkpoint, workspace / "overhead", repeat))
+        pairs.append(overhead_pair(args, checkpoint, workspace / "overhead", repeat))
         p = pairs[-1]
         print(f"overhead pair {repeat}: campaign {p['campaign']['loop_s']:.1f} s, bare {p['bare']['loop_s']:.1f} s, "
               f"share {p['share']:.1%} (raw {p['raw_share']:.1%})", flush=True)  # fmt: skip

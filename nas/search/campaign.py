@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 
 import optuna
@@ -28,8 +27,7 @@ from tqdm.auto import tqdm
 
 from nas.errors import UserError
 from nas.pareto import pareto_front
-from nas.search.background_writer import BackgroundWriter
-from nas.search.mirror import RUN_ID, RunOutcome, StoreSettings, StudyMirror, TrialStores
+from nas.search.mirror import RUN_ID, RunOutcome, StudyMirror
 from nas.search.samplers import make_sampler
 from nas.search.scoring import Score, Scorer, make_scorer
 from nas.search.storage import open_storage
@@ -123,12 +121,9 @@ def run_campaign(
         disable=not progress,
         dynamic_ncols=True,
     )
-    settings = StoreSettings(
-        storage, config.name, config.tracking_uri, config.name, tracker.parent_run_id, _identity_tags(scorer)
-    )
-    writer = BackgroundWriter(partial(TrialStores, settings))
+    mirror = StudyMirror.start(study, storage, tracker, run_tags=_identity_tags(scorer))
+    writer = mirror.writer
     try:
-        mirror = StudyMirror(study, writer)
         for _ in range(todo):
             _run_trial(mirror, space, scorer, config)
             ran += 1

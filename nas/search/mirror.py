@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from functools import partial
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -41,6 +42,17 @@ class StudyMirror:
         self.writer = writer
         self.working = optuna.create_study(directions=study.directions, sampler=study.sampler)
         self.working.add_trials(study.get_trials(deepcopy=False))
+
+    @classmethod
+    def start(
+        cls, study: optuna.Study, storage: optuna.storages.RDBStorage, tracker: Campaign, run_tags: dict
+    ) -> StudyMirror:
+        """The mirror of ``study`` (held in ``storage``) with its writer process started; every
+        trial's child run of ``tracker``'s campaign gets ``run_tags``."""
+        settings = StoreSettings(
+            storage, study.study_name, tracker.tracking_uri, tracker.name, tracker.parent_run_id, run_tags
+        )
+        return cls(study, BackgroundWriter(partial(TrialStores, settings)))
 
     def _snapshot(self, trial: optuna.Trial) -> FrozenTrial:
         return copy.deepcopy(self.working._storage.get_trial(trial._trial_id))
