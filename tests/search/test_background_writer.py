@@ -91,7 +91,15 @@ def test_ctrl_c_does_not_stop_the_writer(writer, log):
     assert lines(log) == ["after Ctrl-C"]
 
 
-def test_ctrl_c_ends_a_wait_cleanly_and_the_writer_goes_on(writer, log):
+@pytest.fixture
+def ctrl_c_raises():
+    """Ctrl-C raises KeyboardInterrupt, even where the tests run with SIGINT ignored (a script's background job)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_ends_a_wait_cleanly_and_the_writer_goes_on(writer, log, ctrl_c_raises):
     """Ctrl-C while draining or waiting to pause: KeyboardInterrupt, and the queue still works."""
     writer.submit("sleep", 1.0)
     while lines(log) != ["sleeping"]:

@@ -25,14 +25,19 @@ from nas.search import campaign as campaign_module
 from nas.search.campaign import INTERRUPTED, run_campaign
 from nas.search.mirror import StudyMirror
 
+CLI_WITH_CTRL_C = (
+    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "from nas.cli import main; sys.exit(main(sys.argv[1:]))"
+)
 TRIALS = 6  # enough that the poll below meets a trial running in the store
 
 
 def start(tiny, config, log: Path) -> subprocess.Popen:
-    """``vitnas search ...`` in a process group of its own, output to ``log``."""
+    """``vitnas search ...`` in a process group of its own, output to ``log``; Ctrl-C handled as in a
+    terminal even when this test runs where SIGINT is ignored (a background job of a script)."""
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "nas.cli", *tiny.search_argv(config)],
+            [sys.executable, "-c", CLI_WITH_CTRL_C, *tiny.search_argv(config)],
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
