@@ -11,6 +11,9 @@ sqlite does anyway.
 
 from __future__ import annotations
 
+import sqlite3
+import time
+
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
@@ -28,6 +31,19 @@ def tune_sqlite(engine: Engine) -> None:
 def _pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-    cursor.execute("PRAGMA journal_mode=WAL")
+    _switch_to_wal(cursor)
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+
+
+def _switch_to_wal(cursor, attempts: int = 100) -> None:
+    """``journal_mode=WAL``, retried while another process holds the file: switching a new file
+    fails at once with "database is locked" instead of waiting for the busy timeout."""
+    for attempt in range(1, attempts + 1):
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or attempt == attempts:
+                raise
+            time.sleep(0.02)

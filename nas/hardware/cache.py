@@ -10,6 +10,7 @@ parallel writers); any SQLAlchemy URL works, e.g. ``postgresql+psycopg://user@ho
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -169,9 +170,15 @@ def _engine(url: str) -> Engine:
     return engine
 
 
-def _create_table(engine: Engine) -> None:
-    try:
-        Base.metadata.create_all(engine)
-    except DBAPIError:
-        # Another process created it between the existence check and CREATE TABLE.
-        Base.metadata.create_all(engine)
+def _create_table(engine: Engine, attempts: int = 5) -> None:
+    """The table, created unless it exists. Processes opening a new cache together race: another
+    one may create the table between the existence check and CREATE TABLE, or hold the file's lock
+    while it does; the next attempt finds the table."""
+    for attempt in range(1, attempts + 1):
+        try:
+            Base.metadata.create_all(engine)
+            return
+        except DBAPIError:
+            if attempt == attempts:
+                raise
+            time.sleep(0.05 * attempt)
