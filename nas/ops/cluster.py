@@ -68,21 +68,9 @@ def kmedoids(x: Tensor, k: int, iters: int = 5, weights: Tensor | None = None) -
     return dist.gather(2, medoids.unsqueeze(1).expand(b, n, k)).argmin(-1), medoids
 
 
-def cluster_pool(
-    x: Tensor,
-    k: int,
-    method: str = "kmedoids",
-    iters: int = 5,
-    size: Tensor | None = None,
-    weights: Tensor | None = None,
-    num_prefix: int = 1,
-) -> tuple[Tensor, Tensor]:
-    """Cluster the non-prefix tokens into `k` and replace each cluster by its weighted mean.
-
-    Weights (for clustering and for the means) are size times `weights [B, N - num_prefix]` when
-    given; the new sizes are the summed sizes. Returns `([B, num_prefix + k, C], [B, num_prefix + k, 1])`.
-    """
-    return cluster_pool_assign(x, k, method, iters, size, weights, num_prefix)[:2]
+def cluster_pool(x: Tensor, k: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
+    """``cluster_pool_assign`` (same arguments) without the assignment: ``(tokens, sizes)``."""
+    return cluster_pool_assign(x, k, *args, **kwargs)[:2]
 
 
 def cluster_pool_assign(
@@ -94,8 +82,13 @@ def cluster_pool_assign(
     weights: Tensor | None = None,
     num_prefix: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """`cluster_pool` plus the cluster of each non-prefix input token, `assign [B, N - num_prefix]`
-    (for callers that follow token positions through the pooling)."""
+    """Cluster the non-prefix tokens into `k` and replace each cluster by its weighted mean.
+
+    Weights (for clustering and for the means) are size times `weights [B, N - num_prefix]` when
+    given; the new sizes are the summed sizes. Returns `([B, num_prefix + k, C], [B, num_prefix + k, 1],
+    assign [B, N - num_prefix])`: the cluster of each non-prefix input token, for callers that
+    follow token positions through the pooling.
+    """
     if method not in METHODS:
         raise ValueError(f"clustering method {method!r} is not one of {METHODS}")
     p = num_prefix

@@ -44,6 +44,7 @@ from nas.search.campaign import (
     log_outcome,
     scorer_for,
 )
+from nas.search.mirror import RUN_ID
 from nas.search.samplers import make_sampler
 from nas.search.scoring import Scorer
 from nas.search.storage import open_storage
@@ -52,7 +53,7 @@ from nas.tracking import Campaign
 
 OBJECTIVES = (("val_accuracy", "max"), ("latency_ms", "min"))
 NUMBER = "vitnas_trial_number"  # the Optuna trial number, passed to the trainable with the params
-RUN_ID, FAILED = "mlflow_run_id", "vitnas_failure"
+FAILED = "vitnas_failure"
 #: Restores of a fit that ended with errored trials (each trial also has its own retries).
 RESUME_ROUNDS = 2
 #: Resources Ray itself defines: not a node's hardware kind.
