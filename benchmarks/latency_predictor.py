@@ -6,25 +6,28 @@ interleaved rounds (the order reshuffled every round, the median over rounds kep
 mean absolute percentage error, the share within 10 % (nn-Meter's bar: 99 % within 10 %, Zhang et
 al., MobiSys 2021), Spearman's rank correlation and the table's build time. Repeatability of
 ``measure``: one reference model measured between the subnets all along; the spread of its medians.
+Subnets are measured as a campaign measures them: re-measured when noisy, with a reference probe
+(``nas.hardware.measure.ReferenceProbe``) around each; the share flagged noisy is reported.
 
 The table is built and the subnets are measured in this one process, in the same state: eager CPU
 latency depends on the allocator's state (glibc malloc thresholds) and on OpenMP's wait policy.
+The wait policy is libgomp's default, as in ``vitnas search`` and ``vitnas profile``: with
+``OMP_WAIT_POLICY=PASSIVE`` (this script's default until 12-2026) each of the ~124 OpenMP parallel
+regions of a 2-thread forward wakes a sleeping worker, whose cost on a VM depends on whether its vCPU
+is halted: the same subnet timed at 1.8 or 5-6 ms in one process (see ``nas.hardware.measure``).
+Run it on a quiet machine; on a shared one, spinning workers wait for each other's time slices
+(medians of 10-300 ms): export ``OMP_WAIT_POLICY=PASSIVE`` there, and compare only runs with the same
+policy (it is recorded in the results).
 
-    python benchmarks/latency_predictor.py            # full run (about 10 minutes here)
+    python benchmarks/latency_predictor.py            # full run (5-10 minutes here)
     python benchmarks/latency_predictor.py --quick    # a short smoke run
 """
 
 from __future__ import annotations
 
-import os
-
-# As in benchmarks/token_ops.py: on a shared machine, spinning OpenMP workers (the ACTIVE default)
-# make a 2-thread forward of a tiny net wait for its second thread's time slice at every parallel
-# op (here seconds instead of milliseconds); passive waiting measures compute. Set before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
 import json
+import os
 import random
 import statistics
 import tempfile
@@ -37,7 +40,7 @@ from scipy.stats import spearmanr
 
 from nas.hardware.fingerprint import fingerprint
 from nas.hardware.latency_table import FIT_SUBNETS, PART_BUDGET_S, build_table
-from nas.hardware.measure import measure
+from nas.hardware.measure import ReferenceProbe, measure
 from nas.hardware.predictor import LatencyPredictor, mape
 from nas.hardware.target import Target
 from nas.report import format_table
@@ -59,7 +62,8 @@ def eval_archs(space, count: int) -> list:
 
 class Rounds:
     """Measures the subnets once per round, in a new random order every round, with the reference
-    model after every ``every`` subnets; keeps each subnet's round medians and the reference's."""
+    model after every ``every`` subnets; keeps each subnet's round medians and the reference's, and
+    what ``measure`` said of each measurement (noisy, attempts, the probe's ratio)."""
 
     def __init__(self, archs, reference, target: Target, budget_s: float, every: int, seed: int = 0):
         self.target, self.budget_s, self.every = target, budget_s, every
@@ -73,17 +77,23 @@ class Rounds:
         )
         self.medians: dict[str, list[float]] = {h: [] for h in self.models}
         self.reference_ms: list[float] = []
+        self.probe = ReferenceProbe(target)
+        self.flags: list[dict] = []  # one per subnet measurement
 
     def run(self) -> None:
         order = list(self.models)
         self.rng.shuffle(order)
         for i, h in enumerate(order):
-            self.medians[h].append(self._measure(*self.models[h]))
+            latency = self._measure(*self.models[h])
+            self.medians[h].append(latency.median_ms)
+            self.flags.append(
+                {"noisy": latency.noisy, "attempts": latency.attempts, "probe_ratio": latency.probe_ratio}
+            )
             if i % self.every == 0:
-                self.reference_ms.append(self._measure(*self.reference))
+                self.reference_ms.append(self._measure(*self.reference).median_ms)
 
-    def _measure(self, model, shape) -> float:
-        return measure(model, self.target, input_shape=shape, time_budget_s=self.budget_s).median_ms
+    def _measure(self, model, shape):
+        return measure(model, self.target, input_shape=shape, time_budget_s=self.budget_s, probe=self.probe)
 
 
 QUICK = {"subnets": 8, "rounds": 2, "part_budget_s": 0.03, "fit_subnets": 6, "measure_budget_s": 0.3}
@@ -139,7 +149,7 @@ def main() -> None:
             "fingerprint": fp.digest(),
             "load_average_before": load_before,
             "load_average_after": os.getloadavg(),
-            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(libgomp default)"),
             "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         },
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "table")},
@@ -160,6 +170,7 @@ def compare(report, archs, rounds: Rounds, reference_hash: str) -> dict:
     raw = np.array([table.parts_sum(a) for a in archs])
     ape = np.abs(predicted - measured) / measured * 100
     ref = np.array(rounds.reference_ms)
+    ratios = [f["probe_ratio"] for f in rounds.flags if f["probe_ratio"] is not None]
     summary = {
         "subnets": len(archs),
         "subnets_also_in_the_fit": len(set(rounds.medians) & set(table.subnets)),
@@ -174,6 +185,11 @@ def compare(report, archs, rounds: Rounds, reference_hash: str) -> dict:
         "table_build_s": table.build_s,
         "table_parts": len(table.parts),
         "table_points": sum(map(len, table.parts.values())),
+        "table_measurements": sum(len(v) for p in table.parts.values() for v in p.values())
+        + sum(len(s["measured_ms"]) for s in table.subnets.values()),
+        "noisy_share": float(np.mean([f["noisy"] for f in rounds.flags])),
+        "remeasured_share": float(np.mean([f["attempts"] > 1 for f in rounds.flags])),
+        "probe_ratio_range": [float(min(ratios)), float(max(ratios))] if ratios else None,
         "overhead": vars(table.overhead),
         "measured_ms_range": [float(measured.min()), float(measured.max())],
         "subnet_round_spread_pct_median": float(
@@ -205,6 +221,9 @@ def format_report(result: dict) -> str:
         {"metric": "max APE", "value": f"{s['max_ape_pct']:.1f} %", "goal": ""},
         {"metric": "MAPE, sum of parts without overhead fit", "value": f"{s['mape_sum_of_parts_only_pct']:.1f} %", "goal": ""},
         {"metric": "table build time", "value": f"{s['table_build_s']:.0f} s ({s['table_points']} points, {s['table_parts']} parts)", "goal": "a few minutes"},
+        {"metric": "table measurements (points x passes, fit subnets)", "value": f"{s['table_measurements']}", "goal": "2229 before 12-2026"},
+        {"metric": "subnet measurements flagged noisy / re-measured", "value": f"{s['noisy_share'] * 100:.0f} % / {s['remeasured_share'] * 100:.0f} %", "goal": ""},
+        {"metric": "reference probe ratio (min .. max)", "value": "{:.2f} .. {:.2f}".format(*(s["probe_ratio_range"] or [0, 0])), "goal": "within 0.85 .. 1.15"},
         {"metric": "measured latency range", "value": "{:.3f} .. {:.3f} ms".format(*s["measured_ms_range"]), "goal": ""},
         {"metric": "repeatability: spread of medians (max-min)", "value": f"{rep['spread_max_min_pct']:.1f} % over {rep['measurements']}", "goal": ""},
         {"metric": "repeatability: p90-p10 of medians / CV", "value": f"{rep['spread_p90_p10_pct']:.1f} % / {rep['cv_pct']:.1f} %", "goal": ""},
@@ -213,7 +232,8 @@ def format_report(result: dict) -> str:
     m = result["machine"]
     head = (
         f"latency predictor, space {result['space']}, target {result['target']}, {s['subnets']} subnets x "
-        f"{s['rounds']} rounds\n{m['cpu_model']}, {m['cores']} cores, torch {m['torch']}, load average "
+        f"{s['rounds']} rounds\n{m['cpu_model']}, {m['cores']} cores, torch {m['torch']}, "
+        f"OMP_WAIT_POLICY {m['OMP_WAIT_POLICY']}, load average "
         f"{m['load_average_before'][0]:.1f} -> {m['load_average_after'][0]:.1f}"
     )
     return head + "\n" + format_table(rows, ["metric", "value", "goal"])

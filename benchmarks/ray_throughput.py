@@ -38,7 +38,8 @@ from nas.search.ray_backend import RayOptions, run_ray_campaign
 from nas.space import load_space
 from nas.supernet import Supernet
 from nas.supernet.checkpoint import save_checkpoint
-from nas.supernet.train import TrainConfig, make_optimizer
+from nas.training.config import TrainConfig
+from nas.training.optim import make_optimizer
 
 RESULT = Path(__file__).parent / "results" / "ray_throughput.json"
 TARGET = "cpu:threads=1,batch=1"

@@ -63,7 +63,8 @@ from nas.search.campaign import CampaignConfig, run_campaign, scorer_for
 from nas.search.samplers import make_sampler
 from nas.space import load_space
 from nas.supernet import checkpoint as ckpt
-from nas.supernet.train import TrainConfig, train_supernet
+from nas.supernet.train import train_supernet
+from nas.training.config import TrainConfig
 
 SPACE = "psvit-digits"
 SAMPLERS = ("nsga2", "tpe", "random")

@@ -33,17 +33,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from scipy import stats
 
 from nas.arch import ArchConfig, arch_from_dict
-from nas.data import augment, load_splits, make_loader
+from nas.data import load_splits
 from nas.evaluation import classification_accuracy
 from nas.hardware.flops import flops
 from nas.space import load_space
 from nas.supernet import TrainConfig, VitnasSubnet, evaluate, load_checkpoint, train_supernet
 from nas.supernet.checkpoint import SIDECAR, checkpoint_dir, read_meta
-from nas.supernet.train import lr_at, make_optimizer, stream_seed
+from nas.training.classifier import train_classifier
+from nas.training.distributed import World
 
 RESULTS = Path(__file__).parent / "results"
 SPACE = "psvit-digits"
@@ -67,32 +67,15 @@ def pick_spread(space, n: int, pool: int, seed: int) -> list[tuple[ArchConfig, i
 
 
 def train_standalone(arch_dict: dict, epochs: int, seed: int) -> dict:
-    """Train one subnet from scratch (the supernet's recipe without the sandwich); val accuracy."""
+    """Train one subnet from scratch with the one training loop (no sandwich); val accuracy."""
     torch.set_num_threads(1)
     arch = arch_from_dict(arch_dict)
     splits = load_splits("digits", arch.image_size)
     config = TrainConfig(epochs=epochs, seed=seed, random_subnets=0)
     torch.manual_seed(seed)
     model = VitnasSubnet(arch)
-    optimizer = make_optimizer(model, config)
-    steps = len(splits.train) // config.batch_size
-    total, warmup = epochs * steps, round(config.warmup_epochs * steps)
     t0 = time.perf_counter()
-    for epoch in range(epochs):
-        loader = make_loader(
-            splits.train, config.batch_size, True, stream_seed(seed, epoch, "order"), drop_last=True
-        )
-        shifts = torch.Generator().manual_seed(stream_seed(seed, epoch, "augment"))
-        for i, (x, y) in enumerate(loader):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(epoch * steps + i, total, warmup, config)
-            loss = F.cross_entropy(
-                model(augment(x, shifts, config.shift)), y, label_smoothing=config.label_smoothing
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
+    train_classifier(model, splits, config, World(), progress=False, log=lambda _: None)
     result = classification_accuracy(model, splits.val)
     return {"standalone_acc": result["accuracy"], "standalone_s": time.perf_counter() - t0}
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import timm
 import torch
 
+from nas.hardware.fingerprint import cpu_model
 from nas.hardware.flops import flops
 from nas.ops import timm_patch
 
@@ -46,16 +47,6 @@ VARIANTS = {
     "evit 0.7 @3/6/9": {"kind": "evit", "keep_rate": 0.7, "layers": [3, 6, 9]},
 }
 RESULT = Path(__file__).parent / "results" / "token_ops.json"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def spread(values: list[float]) -> dict[str, float]:

@@ -24,7 +24,7 @@ import sys
 import traceback
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 from mlflow.exceptions import MlflowException
 
@@ -98,6 +98,32 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args) -> None:
         """Quiet: a page load is a dozen requests; errors are printed where they happen."""
 
+    def handle_one_request(self) -> None:
+        """A client that goes away (reset, closed mid-response) is not an error of the dashboard:
+        nothing to answer and no traceback to print; the connection is closed."""
+        try:
+            super().handle_one_request()
+        except ConnectionError:
+            self.close_connection = True
+
+    def parse_request(self) -> bool:
+        """Only a path (``/...``) or an absolute URL names a resource here: any other request-target
+        (``*`` of ``OPTIONS *``, ``?x``, ``host:port``) gets a 400, not a crash in routing. An absolute
+        URL (``GET http://host/path``) is served as its path; its authority stands for Host (RFC 9112)."""
+        if not super().parse_request():
+            return False
+        self.target_host = None
+        target = urlsplit(self.path)
+        if target.scheme in ("http", "https") and target.netloc:
+            self.target_host = target.netloc
+            self.path = urlunsplit(("", "", target.path or "/", target.query, ""))
+        elif not self.path.startswith("/"):
+            self.close_connection = True
+            error = f"request-target {self.path!r}: ask for a path, e.g. /"
+            self._send_json({"error": error}, HTTPStatus.BAD_REQUEST)
+            return False
+        return True
+
     def do_GET(self) -> None:
         if self.server.loopback_only and not self._host_is_loopback():
             self._send_json({"error": "this dashboard answers requests for 127.0.0.1/localhost only"}, 403)
@@ -111,12 +137,16 @@ class Handler(BaseHTTPRequestHandler):
             elif url.path in self.server.assets.files:
                 self._send_file(url.path, self.server.assets.files[url.path], "public, max-age=3600")
             elif self._is_page(parts):
+                if parts[0] == "campaigns":  # a page for a campaign the store does not hold is a 404
+                    self.server.store.campaign(f"{parts[1]}/{parts[2]}")
                 page = self.server.assets.pages[parts[0]]
                 self._send_file(parts[0], page, "no-cache", {"Content-Security-Policy": CSP})
             elif url.path == "/favicon.ico":
                 self._send(b"", "image/x-icon", HTTPStatus.NO_CONTENT)
             else:
                 raise NotFound(f"no page {url.path}")
+        except ConnectionError:
+            raise  # the client is gone: nothing to answer (``handle_one_request``)
         except NotFound as err:
             self._send_json({"error": str(err)}, HTTPStatus.NOT_FOUND)
         except UserError as err:
@@ -134,7 +164,7 @@ class Handler(BaseHTTPRequestHandler):
         return parts == [""] or parts == ["compare"] or (len(parts) == 3 and parts[0] == "campaigns")
 
     def _host_is_loopback(self) -> bool:
-        host = self.headers.get("Host", "")
+        host = self.target_host or self.headers.get("Host", "")
         name = host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0]
         return name.lower() in LOOPBACK_NAMES
 

@@ -25,7 +25,7 @@ from sqlalchemy.engine import make_url
 
 from nas.errors import UserError
 from nas.pareto import pareto_ranks
-from nas.tracking import CAMPAIGN, ROLE
+from nas.tracking import CAMPAIGN, ROLE, campaign_budget, filter_equals
 
 PAGE = 1000
 ACC, LAT = "val_accuracy", "latency_ms"
@@ -88,7 +88,8 @@ class CampaignInfo:
 
     @property
     def budget_ms(self) -> float | None:
-        return number(self.params.get("latency_budget_ms"))
+        """The budget ``best_under_budget`` was last computed for (as ``vitnas pareto`` reads it)."""
+        return campaign_budget(self.tags, self.params)
 
 
 @dataclass(frozen=True)
@@ -237,9 +238,11 @@ class Store:
         return self.cache.get(("trials", info.ref), lambda: self._load_trials(info))
 
     def _load_trials(self, info: CampaignInfo) -> Trials:
-        where = f"tags.`{ROLE}` = 'trial' and tags.`{CAMPAIGN}` = '{info.name}'"
+        where = f"tags.`{ROLE}` = 'trial' and {filter_equals(f'tags.`{CAMPAIGN}`', info.name)}"
         with collector_paused():
-            trials = [Trial.from_run(r) for r in self._search([info.experiment_id], where)]
+            runs = self._search([info.experiment_id], where)
+            # the name is any string a store holds: a filter for one with both quote kinds may match more
+            trials = [Trial.from_run(r) for r in runs if r.data.tags.get(CAMPAIGN) == info.name]
         return Trials.of(sorted(trials, key=lambda t: (t.trial_number, t.run_id)))
 
     def run(self, run_id: str) -> tuple[Run, str | None]:

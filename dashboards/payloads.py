@@ -22,7 +22,7 @@ from nas.tracking import CAMPAIGN, run_url
 from .data import ACC, LAT, CampaignInfo, Trial, Trials
 
 #: Metrics shown with every point (hover) and in the trial panel, in this order.
-SHOWN = (ACC, LAT, "latency_p90_ms", "gflops", "params_m")
+SHOWN = (ACC, LAT, "latency_p90_ms", "latency_noisy", "gflops", "params_m")
 #: Tags of a trial worth showing in its panel.
 TRIAL_TAGS = ("target", "fingerprint", "measured", "latency_cached", "supernet_hash",
               "pareto", "pareto_rank", "best_under_budget")  # fmt: skip

@@ -240,12 +240,15 @@ def _cell_problems(where: str, st: StageConfig) -> list[str]:
             f"{where}.reduction.at: {list(red.at)} names cells beyond the {len(st.cells)} there are"
         )
     n, source = st.tokens, None  # source: index of the cell whose attention map a share cell would reuse
+    changed = None  # why there is none though an earlier cell ran: (cell, tokens before, after)
     for j, cell in enumerate(st.cells):
         if cell == "share":
             if st.attention != "softmax":
                 problems.append(
                     f"{where}.cells[{j}]: share reuses an attention map; linear attention has none"
                 )
+            elif source is None and changed is not None:
+                problems.append(f"{where}.cells[{j}]: share {_reduced_map(red, *changed)}")
             elif source is None:
                 problems.append(
                     f"{where}.cells[{j}]: share has no earlier cell in the stage whose map it could reuse"
@@ -261,8 +264,23 @@ def _cell_problems(where: str, st: StageConfig) -> list[str]:
         n_after = red.tokens_after(j, n)
         # a reducing cell re-ranks, fuses or merges tokens even where the count stays: no map to reuse
         source = None if n_after != n or red.reduces_at(j) else j
+        changed = (j, n, n_after) if source is None else None
         n = n_after
     return problems
+
+
+def _reduced_map(red: Reduction, cell: int, before: int, after: int) -> str:
+    """Why a share cell cannot reuse cell ``cell``'s map: the reduction after it changed the tokens
+    (saying "no earlier cell" there sent users looking for a missing cell)."""
+    if red.kind == "tome":
+        what = f"ToMe merges {red.r[cell]} tokens"
+    else:
+        what = f"{'EViT' if red.kind == 'evit' else 'clustering'} keeps {red.keep_rate:g} of the tokens"
+    count = f"{before} -> {after} tokens" if after != before else f"{after} tokens, but not the same ones"
+    return (
+        f"cannot reuse cell {cell}'s attention map: {what} after cell {cell} ({count}); "
+        "a share cell must follow a cell that keeps its tokens"
+    )
 
 
 class TimmArch(_Serialisable):
@@ -302,10 +320,10 @@ def load_arch(path: str | Path) -> ArchConfig | TimmArch:
     text = path.read_text()
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise UserError(
-            f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}".replace("\n", " ")
-        ) from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON: {err}".replace("\n", " ")) from None
+    except yaml.YAMLError as err:
+        raise UserError(yaml_error(err, str(path))) from None
     return arch_from_dict(data, str(path))
 
 
@@ -313,8 +331,25 @@ def arch_from_text(text: str, source: str = "architecture") -> ArchConfig | Timm
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise UserError(f"{source}: not valid YAML: {' '.join(str(err).split())}") from None
+        raise UserError(yaml_error(err, source)) from None
     return arch_from_dict(data, source)
+
+
+def yaml_error(err: yaml.YAMLError, source: str) -> str:
+    """A YAML syntax error as one line naming ``source``, line and column: PyYAML's own text names the
+    stream it was handed (``"<unicode string>"`` for text) and draws a caret under a copy of the line."""
+    if isinstance(err, yaml.reader.ReaderError):  # a character YAML refuses, before any parsing
+        return f"{source}: not valid YAML at character {err.position + 1}: {str(err).splitlines()[0]}"
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if mark is None or problem is None:
+        return f"{source}: not valid YAML: {' '.join(str(err).split())}"
+    text = f"{source}: not valid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, at = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and at is not None and (at.line, at.column) != (mark.line, mark.column):
+        text += f" ({context} at line {at.line + 1}, column {at.column + 1})"
+    elif context:
+        text += f" ({context})"
+    return " ".join(text.split())
 
 
 def format_validation_error(err: ValidationError) -> str:

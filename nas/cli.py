@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import re
 import sys
 from collections.abc import Callable
 
-from nas.errors import UserError
+from nas.errors import UserError, failure_line, one_line
 
 EPILOG = """\
 typical session:
@@ -16,24 +19,109 @@ typical session:
   vitnas demo                                    # the whole pipeline on the embedded digits data
 
 Every command takes --help. Spaces are YAML files; the shipped ones can be named without a path.
+A failure is one line, `vitnas: error: ...`, exit code 2; --debug (or VITNAS_DEBUG=1) shows its traceback.
 """
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. Bad input, and failures of the machine (read-only or full disk, a store that
+    cannot be opened, a corrupted weights file), end in one line on stderr and exit code 2; any
+    other exception is a bug and keeps its traceback. ``--debug``/``VITNAS_DEBUG=1``: re-raise all."""
     _quiet_libraries()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as err:
+        return _fail(str(err))
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
+    debug = args.debug or os.environ.get("VITNAS_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
     try:
         return args.run(args) or 0
-    except UserError as err:
-        print(f"vitnas: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("vitnas: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        line = None if debug else failure_line(err, _where(args))
+        if line is None:
+            raise
+        return _fail(line)
+
+
+def _fail(line: str) -> int:
+    print(f"vitnas: error: {one_line(line)}", file=sys.stderr)
+    return 2
+
+
+def _where(args) -> str | None:
+    """The store or workspace a command used, for errors that name no file (sqlite's)."""
+    uri = getattr(args, "tracking_uri", None) or getattr(args, "storage", None)
+    if uri:
+        uri = re.sub(r"://([^:/@]*):[^@/]*@", r"://\1:***@", uri)  # never print a password
+        return uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else uri
+    workspace = getattr(args, "workspace", None)
+    return os.path.abspath(workspace) if workspace else None
+
+
+class UsageError(UserError):
+    """A command line argparse refuses."""
+
+
+class VitnasParser(argparse.ArgumentParser):
+    """argparse in the house format: a refused command line is ``vitnas: error: <one line>``, exit
+    code 2, like every other failure (argparse would print its usage and ``vitnas <cmd>: error:``).
+    A flag's bad value reads ``--flag VALUE: what is allowed``."""
+
+    def error(self, message: str):
+        match = re.fullmatch(r"argument (\S+): (.*)", message, re.S)
+        if match:
+            flag, rest = match.group(1).split("/")[-1], match.group(2)
+            if re.match(r"\S*: must be ", rest):  # from the value types below: "VALUE: must be ..."
+                raise UsageError(f"{flag} {rest}")
+            message = f"{flag}: {rest}"
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _shown(text: str) -> str:
+    return text if text.strip() and " " not in text else repr(text)
+
+
+def _whole(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number in [low, high]."""
+    allowed = f"at least {low} (a whole number)" if high is None else f"a whole number from {low} to {high}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{_shown(text)}: must be {allowed}")
+        return value
+
+    return parse
+
+
+def _finite(*, above_zero: bool) -> Callable[[str], float]:
+    """An argparse type: a finite number > 0 (or >= 0). nan and inf are refused: a budget of nan
+    compares false with everything, and would run as no budget at all."""
+    allowed = "a finite number > 0" if above_zero else "a finite number >= 0"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < 0 or (above_zero and value == 0):
+            raise argparse.ArgumentTypeError(f"{_shown(text)}: must be {allowed}")
+        return value
+
+    return parse
+
+
+positive_int, nonnegative_int, port_number = _whole(1), _whole(0), _whole(0, 65535)
+positive_float, nonnegative_float = _finite(above_zero=True), _finite(above_zero=False)
 
 
 def _quiet_libraries() -> None:
@@ -45,13 +133,15 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # it logs a database error's traceback before raising it again: main tells it in one line
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = VitnasParser(
         prog="vitnas",
         description="Hardware-aware architecture search over efficient Vision Transformers.",
         epilog=EPILOG,
@@ -60,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     from nas import __version__
 
     parser.add_argument("--version", action="version", version=f"vitnas {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of a failure (also: VITNAS_DEBUG=1)"
+    )
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     for register in COMMANDS:
         register(sub)
@@ -157,7 +250,7 @@ def _search_command(sub) -> None:
     )
     p.add_argument(
         "--trials",
-        type=int,
+        type=positive_int,
         default=60,
         help="finished trials the campaign should have (default %(default)s)",
     )
@@ -167,7 +260,7 @@ def _search_command(sub) -> None:
     p.add_argument("--sampler", default="nsga2", help="nsga2 (default), nsga3, tpe or random")
     p.add_argument("--seed", type=int, default=0, help="sampler seed (default %(default)s)")
     p.add_argument(
-        "--latency-budget-ms", type=float, help="latency budget, an Optuna constraint (<= is feasible)"
+        "--latency-budget-ms", type=positive_float, help="latency budget, an Optuna constraint (<= is feasible)"
     )
     p.add_argument(
         "--workspace", default="vitnas-runs", help="where everything is written (default %(default)s)"
@@ -186,9 +279,23 @@ def _search_command(sub) -> None:
     p.add_argument("--data", help="data spec for validation (default: the supernet's)")
     p.add_argument(
         "--measure-budget-s",
-        type=float,
+        type=positive_float,
         default=2.0,
         help="time budget per latency measurement (default %(default)s)",
+    )
+    p.add_argument(
+        "--eval-device",
+        default="auto",
+        metavar="DEVICE",
+        help="where candidates' accuracy is computed: auto (the target's device if a CUDA target, else "
+        "cpu; with --gpus-per-trial: cuda), cpu, cuda or cuda:N; a resumed campaign may change it",
+    )
+    p.add_argument(
+        "--val-subset",
+        type=positive_int,
+        metavar="N",
+        help="score accuracy on N validation images (a seeded, class-balanced subset; default: all); "
+        "a resumed campaign keeps it",
     )
     _quiet_option(p)
     ray = p.add_argument_group("Ray cluster (--backend ray; see docs/cluster.md)")
@@ -199,7 +306,7 @@ def _search_command(sub) -> None:
         "--address", help="Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: a local Ray)"
     )
     ray.add_argument(
-        "--max-concurrent", type=int, default=1, help="trials running at once (default %(default)s)"
+        "--max-concurrent", type=positive_int, default=1, help="trials running at once (default %(default)s)"
     )
     ray.add_argument(
         "--target-resource",
@@ -207,19 +314,39 @@ def _search_command(sub) -> None:
     )
     ray.add_argument(
         "--max-failures",
-        type=int,
+        type=nonnegative_int,
         default=5,
         help="retries of a trial whose node was lost (default %(default)s)",
+    )
+    ray.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        default=0.0,
+        metavar="G",
+        help="GPUs each trial asks Ray for, fractions allowed (default %(default)s); with G > 0 "
+        "accuracy is computed on the trial's GPU unless --eval-device says otherwise",
     )
     p.set_defaults(run=_search)
 
 
 def _search(args) -> int:
-    from nas.search.campaign import CampaignConfig, run_campaign, scorer_for
+    from nas.hardware.target import Target
+    from nas.search.campaign import CampaignConfig, lock_for, run_campaign, scorer_for
+    from nas.search.scoring import resolve_eval_device
     from nas.space import load_space
 
-    if args.trials < 1:
-        raise UserError(f"--trials {args.trials}: must be at least 1")
+    options = None  # counts and budgets were checked by their argparse types
+    if args.backend == "ray":
+        from nas.search.ray_backend import RayOptions, parse_resource, run_ray_campaign
+
+        options = RayOptions(
+            address=args.address,
+            max_concurrent=args.max_concurrent,
+            target_resource=parse_resource(args.target_resource) if args.target_resource else {},
+            max_failures=args.max_failures,
+            gpus_per_trial=args.gpus_per_trial,
+        )
+    resolve_eval_device(args.eval_device, Target.parse(args.target))  # refused before anything is written
     space = load_space(args.space)
     config = CampaignConfig(
         name=args.campaign,
@@ -238,28 +365,26 @@ def _search(args) -> int:
         data=args.data,
         measure_budget_s=args.measure_budget_s,
         weights=args.weights,
+        eval_device=args.eval_device,
+        val_subset=args.val_subset,
     ).resolved()
-    scorer = scorer_for(config, space)
-    if args.backend == "ray":
-        from nas.search.ray_backend import RayOptions, parse_resource, run_ray_campaign
-
-        if args.max_concurrent < 1:
-            raise UserError(f"--max-concurrent {args.max_concurrent}: must be at least 1")
-        resource = parse_resource(args.target_resource) if args.target_resource else {}
-        options = RayOptions(
-            address=args.address,
-            max_concurrent=args.max_concurrent,
-            target_resource=resource,
-            max_failures=args.max_failures,
-        )
-        result = run_ray_campaign(config, space, scorer, options, progress=not args.quiet)
-    else:
-        result = run_campaign(config, space, scorer, progress=not args.quiet)
+    with lock_for(config):  # a second process stops here, before loading the supernet
+        scorer = scorer_for(config, space)
+        if options is not None:
+            result = run_ray_campaign(config, space, scorer, options, progress=not args.quiet)
+        else:
+            result = run_campaign(config, space, scorer, progress=not args.quiet)
     from nas.report import format_front
 
     print(
         f"campaign {result.name}: {result.finished} finished, {result.failed} failed, {result.ran_now} run now"
     )
+    noisy = [r["trial_number"] for r in result.front if r.get("latency_noisy")]
+    if noisy:
+        print(
+            f"{len(noisy)} of {len(result.front)} front trials have noisy latencies (trials "
+            f"{', '.join(map(str, noisy))}): still spread after re-measuring; measure again on a quieter machine"
+        )
     print(format_front(result.front, config.latency_budget_ms))
     print(f'MLflow: {result.tracking_uri} (parent run {result.parent_run_id}; filter tags.pareto = "true")')
     return 0
@@ -273,7 +398,10 @@ def _pareto_command(sub) -> None:
     )
     p.add_argument("--campaign", required=True)
     _store_options(p)
-    p.add_argument("--latency-budget-ms", type=float, help="mark the best trial under this budget")
+    p.add_argument(
+        "--latency-budget-ms", type=positive_float,
+        help="mark the best trial under this budget (default: the campaign's own budget)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=_pareto)
 
@@ -283,9 +411,9 @@ def _pareto(args) -> int:
     from nas.tracking import Campaign, default_tracking_uri
 
     uri = args.tracking_uri or default_tracking_uri(args.workspace)
-    campaign = Campaign(uri, args.campaign)
+    campaign = Campaign(uri, args.campaign, read_only=True)  # reading never creates a store or experiment
     if not campaign.exists():
-        raise UserError(f"campaign {args.campaign!r}: not found in {uri}")
+        raise UserError(f"no campaign {args.campaign!r} in {uri}")
     rows = campaign.front_rows(budget_ms=args.latency_budget_ms)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
@@ -307,10 +435,10 @@ def _export_command(sub) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--run-id", help="the trial's MLflow run id")
     which.add_argument("--campaign", help="campaign name (with --trial)")
-    p.add_argument("--trial", type=int, help="trial number within the campaign")
+    p.add_argument("--trial", type=nonnegative_int, help="trial number within the campaign")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
-        "--epochs", type=int, default=30, help="epochs in the written train.yaml (default %(default)s)"
+        "--epochs", type=positive_int, default=30, help="epochs in the written train.yaml (default %(default)s)"
     )
     _store_options(p)
     p.set_defaults(run=_export)
@@ -341,10 +469,15 @@ def _train_command(sub) -> None:
     p = sub.add_parser(
         "train",
         help="train an exported architecture from its train.yaml",
-        description="Train (or fine-tune) an exported architecture; reports test accuracy, logs to MLflow.",
+        description="Train (or fine-tune) an exported architecture; reports test accuracy, logs to MLflow.\n"
+        "Runs on one device, or on several processes under torchrun (see TRAINING below).",
+        epilog=TRAINING_EPILOG.format(command="train exported/train.yaml"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("recipe", help="train.yaml written by vitnas export")
-    p.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    p.add_argument("--epochs", type=positive_int, help="override the recipe's epochs")
+    p.add_argument("--aug", help="override the recipe's augmentation preset: none, light or deit")
+    _runtime_options(p, plain=True)
     _quiet_option(p)
     p.set_defaults(run=_train)
 
@@ -352,13 +485,60 @@ def _train_command(sub) -> None:
 def _train(args) -> int:
     from nas.train import train_from_recipe
 
-    outcome = train_from_recipe(args.recipe, epochs=args.epochs, progress=not args.quiet)
+    overrides = {"aug": args.aug} if args.aug else {}
+    outcome = train_from_recipe(
+        args.recipe, epochs=args.epochs, device=args.device, runtime={**_runtime(args), **overrides},
+        progress=not args.quiet,
+    )  # fmt: skip
+    if outcome is None:  # a torchrun process other than rank 0
+        return 0
     print(
         f"test accuracy {outcome.test_accuracy:.4f} (validation {outcome.val_accuracy:.4f}); weights {outcome.weights}"
     )
     if outcome.run_id:
         print(f"MLflow run {outcome.run_id}")
     return 0
+
+
+TRAINING_EPILOG = """\
+TRAINING on more hardware (the same command, the same global --batch-size):
+  one GPU:           vitnas {command} --device cuda --precision bf16
+  2 processes here:  torchrun --standalone --nproc_per_node 2 -m nas {command}
+  (gloo on CPUs, NCCL on GPUs; --batch-size is split over processes x --accum-steps)
+"""
+
+
+def _runtime_options(p, *, plain: bool) -> None:
+    """Where and how a training run computes: not what it learns, so a resume may change them."""
+    from nas.training.config import TrainConfig
+
+    d = TrainConfig()
+    g = p.add_argument_group("devices and precision")
+    g.add_argument(
+        "--device", default="auto",
+        help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N; under torchrun auto and cuda take "
+        "each process's local GPU (default %(default)s)",
+    )  # fmt: skip
+    g.add_argument(
+        "--precision", default=d.precision,
+        help="fp32, bf16 (autocast; CPUs too) or fp16 (autocast and a gradient scaler; CUDA only) "
+        "(default %(default)s)",
+    )  # fmt: skip
+    g.add_argument(
+        "--accum-steps", type=positive_int, default=d.accum_steps,
+        help="micro-batches accumulated per optimizer step (default %(default)s)",
+    )  # fmt: skip
+    g.add_argument(
+        "--loader-workers", type=nonnegative_int, default=d.loader_workers,
+        help="DataLoader processes for data read from disk; digits stays in memory (default %(default)s)",
+    )  # fmt: skip
+    if plain:
+        g.add_argument("--compile", action="store_true", help="torch.compile the model")
+
+
+def _runtime(args) -> dict:
+    keys = ("precision", "accum_steps", "loader_workers", "compile")
+    return {k: getattr(args, k) for k in keys if hasattr(args, k)}
 
 
 def _demo_command(sub) -> None:
@@ -370,14 +550,14 @@ def _demo_command(sub) -> None:
     )
     p.add_argument("--workspace", help="where everything is written (default vitnas-runs)")
     p.add_argument("--target", help="latency target (default cpu:threads=2,batch=1)")
-    p.add_argument("--trials", type=int, help="search trials (default 60)")
+    p.add_argument("--trials", type=positive_int, help="search trials (default 60)")
     p.add_argument(
-        "--supernet-epochs", type=int, help="supernet training epochs (default: the trainer's default)"
+        "--supernet-epochs", type=positive_int, help="supernet training epochs (default: the trainer's default)"
     )
-    p.add_argument("--retrain-epochs", type=int, help="epochs of the final short retrain (default 3)")
+    p.add_argument("--retrain-epochs", type=positive_int, help="epochs of the final short retrain (default 3)")
     p.add_argument(
         "--latency-budget-ms",
-        type=float,
+        type=positive_float,
         help="default: between the smallest and largest member's latency here",
     )
     p.add_argument("--sampler", help="search sampler (default nsga2)")
@@ -419,7 +599,7 @@ def _profile_command(sub) -> None:
     )
     p.add_argument(
         "--budget-s",
-        type=float,
+        type=positive_float,
         default=3.0,
         help="time budget of the latency measurement (default %(default)s)",
     )
@@ -470,9 +650,9 @@ def _latency_table_command(sub) -> None:
     b.add_argument("--out", help="table file (default: WORKSPACE/latency-tables/SPACE-FINGERPRINT-TARGET.json)")
     b.add_argument("--workspace", default="vitnas-runs", help="default location of the table (default %(default)s)")
     b.add_argument("--force", action="store_true", help="start afresh, replacing any table at --out")
-    b.add_argument("--passes", type=int, default=lt_defaults.PASSES, help="measurements per point, median kept (default %(default)s)")
-    b.add_argument("--budget-s", type=float, default=lt_defaults.PART_BUDGET_S, help="time budget per part measurement (default %(default)s)")
-    b.add_argument("--fit-subnets", type=int, default=lt_defaults.FIT_SUBNETS, help="whole subnets measured to fit the overhead (default %(default)s)")
+    b.add_argument("--passes", type=positive_int, default=lt_defaults.PASSES, help="measurements per point, median kept (default %(default)s)")
+    b.add_argument("--budget-s", type=positive_float, default=lt_defaults.PART_BUDGET_S, help="time budget per part measurement (default %(default)s)")
+    b.add_argument("--fit-subnets", type=nonnegative_int, default=lt_defaults.FIT_SUBNETS, help="whole subnets measured to fit the overhead (default %(default)s)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(run=_latency_table_build)
     lt.set_defaults(run=lambda _args: lt.print_help() or 2)
@@ -483,8 +663,6 @@ def _latency_table_build(args) -> int:
     from nas.hardware.target import Target
     from nas.space import load_space
 
-    if args.passes < 1 or args.fit_subnets < 0 or args.budget_s <= 0:
-        raise UserError("--passes must be >= 1, --fit-subnets >= 0 and --budget-s > 0")
     space, target = load_space(args.space), Target.parse(args.target)
     out = args.out or default_table_path(space, target, args.workspace)
     report = build_table(
@@ -493,8 +671,9 @@ def _latency_table_build(args) -> int:
     )  # fmt: skip
     table, o = report.table, report.table.overhead
     print(
-        f"latency table {report.path}: {len(table.parts)} parts, {sum(map(len, table.parts.values()))} points x "
-        f"{args.passes} passes ({report.measured_now} measured now, {report.reused} kept), fingerprint {table.digest}, "
+        f"latency table {report.path}: {len(table.parts)} parts, {sum(map(len, table.parts.values()))} points, up to "
+        f"{args.passes} passes: {report.measured_now + report.reused} measurements ({report.measured_now} now, "
+        f"{report.reused} kept), fingerprint {table.digest}, "
         f"{table.build_s:.0f} s in all"
     )
     print(
@@ -517,18 +696,20 @@ def _dashboard_command(sub) -> None:
     )
     _store_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
-    p.add_argument("--port", type=int, default=8765, help="port (default %(default)s; 0: any free port)")
+    p.add_argument("--port", type=port_number, default=8765, help="port (default %(default)s; 0: any free port)")
     p.add_argument(
-        "--cache-ttl", type=float, default=30.0, help="seconds a campaign read from MLflow is reused (default %(default)s)"
+        "--cache-ttl", type=nonnegative_float, default=30.0, help="seconds a campaign read from MLflow is reused (default %(default)s)"
     )
     p.set_defaults(run=_dashboard)
 
 
 def _dashboard(args) -> int:
     from nas.dashboards.app import serve
-    from nas.tracking import default_tracking_uri
+    from nas.tracking import default_tracking_uri, require_store
 
-    serve(args.tracking_uri or default_tracking_uri(args.workspace), args.host, args.port, args.cache_ttl)
+    uri = args.tracking_uri or default_tracking_uri(args.workspace)
+    require_store(uri)  # the dashboard only reads: a missing store is an error, never a new file
+    serve(uri, args.host, args.port, args.cache_ttl)
     return 0
 
 
@@ -550,22 +731,29 @@ def _finetune_command(sub) -> None:
     p.add_argument("--out", required=True, help="the .safetensors file to write")
     p.add_argument("--data", default="digits", help=DATA_HELP)
     p.add_argument("--init", help="start from these weights (.safetensors; default: the space's weights:, else scratch)")
-    p.add_argument("--epochs", type=int, default=3, help="default %(default)s")
-    p.add_argument("--batch-size", type=int, default=64, help="default %(default)s")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default %(default)s)")
+    p.add_argument("--epochs", type=positive_int, default=3, help="default %(default)s")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="global batch (default %(default)s)")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate (default %(default)s)")
+    p.add_argument("--aug", default="light", help="augmentation preset: none, light or deit (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="default %(default)s")
+    _runtime_options(p, plain=True)
     _quiet_option(p)
     p.set_defaults(run=_finetune)
 
 
 def _finetune(args) -> int:
-    from nas.finetune import finetune
+    from nas.finetune import QUICK, finetune
     from nas.space import load_space
-    from nas.supernet.train import TrainConfig
 
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, random_subnets=0)
+    config = QUICK.replace(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, aug=args.aug, **_runtime(args)
+    )
     space = load_space(args.space)
-    outcome = finetune(space, args.out, data=args.data, config=config, init=args.init, progress=not args.quiet)
+    outcome = finetune(
+        space, args.out, data=args.data, config=config, init=args.init, device=args.device, progress=not args.quiet
+    )
+    if outcome is None:  # a torchrun process other than rank 0
+        return 0
     print(f"validation accuracy {outcome.val_accuracy:.4f}; weights {outcome.weights}")
     print(f"next: vitnas search --space {args.space} --weights {outcome.weights} --data {args.data} --campaign NAME")
     return 0
@@ -573,7 +761,7 @@ def _finetune(args) -> int:
 
 # -- vitnas train-supernet ------------------------------------------------------------------------
 def _train_supernet_command(sub) -> None:
-    from nas.supernet.train import TrainConfig
+    from nas.training.config import TrainConfig
 
     d = TrainConfig()
     p = sub.add_parser(
@@ -585,29 +773,60 @@ def _train_supernet_command(sub) -> None:
             "and cosine decay. A checkpoint (safetensors + JSON sidecar) goes to WORKSPACE/supernet/<space>/\n"
             "after every epoch; --resume continues a stopped run exactly as if it had not stopped."
         ),
-        epilog="example:\n  vitnas train-supernet --space psvit-digits --data digits --epochs 40 --workspace vitnas-runs",
+        epilog="example:\n  vitnas train-supernet --space psvit-digits --data digits --epochs 40 --workspace vitnas-runs\n\n"
+        + TRAINING_EPILOG.format(command="train-supernet --space psvit-digits")
+        + "  a Ray cluster:     vitnas train-supernet --space psvit-digits --backend ray --address HOST:6379 "
+        "--num-workers 4 --gpus-per-worker 1\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--space", required=True, help="search-space YAML file or shipped space name (psvit family)")
     p.add_argument("--data", default="digits", help=DATA_HELP)
-    p.add_argument("--epochs", type=int, default=d.epochs, help="total epochs (default %(default)s)")
+    p.add_argument("--epochs", type=positive_int, default=d.epochs, help="total epochs (default %(default)s)")
     p.add_argument("--workspace", default="vitnas-runs", help="where the checkpoint goes (default %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of every random stream (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="default %(default)s")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default %(default)s)")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=d.batch_size,
+        help="global batch: per-process micro-batch x processes x --accum-steps (default %(default)s)",
+    )  # fmt: skip
+    p.add_argument("--lr", type=positive_float, default=d.lr, help="peak learning rate (default %(default)s)")
+    p.add_argument("--aug", default=d.aug, help="augmentation preset: none, light or deit (default %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in the workspace (same settings)")
     p.add_argument("--force", action="store_true", help="start over even if the workspace holds a checkpoint")
     p.add_argument("--tracking-uri", help="log the run to MLflow here (default: $MLFLOW_TRACKING_URI if set, else no logging)")
+    _runtime_options(p, plain=False)
+    ray = p.add_argument_group("Ray cluster (--backend ray)")
+    ray.add_argument(
+        "--backend", default="local",
+        help="local: this process, or torchrun's processes (default); ray: Ray Train workers",
+    )  # fmt: skip
+    ray.add_argument("--address", help="Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: a local Ray)")
+    ray.add_argument("--num-workers", type=positive_int, default=2, help="Ray Train workers (default %(default)s)")
+    ray.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs each worker asks for (default %(default)s)")
+    ray.add_argument(
+        "--max-failures", type=nonnegative_int, default=3,
+        help="worker failures survived, each resuming from the last checkpoint (default %(default)s)",
+    )  # fmt: skip
     _quiet_option(p)
     p.set_defaults(run=_train_supernet)
 
 
 def _train_supernet(args) -> int:
-    from nas.supernet.train import TrainConfig, train_supernet
+    from nas.supernet.train import train_supernet
+    from nas.training.config import TrainConfig
 
-    config = TrainConfig(epochs=args.epochs, seed=args.seed, batch_size=args.batch_size, lr=args.lr)
-    result = train_supernet(args.space, args.data, args.workspace, config, resume=args.resume, force=args.force,
-                            tracking_uri=args.tracking_uri, progress=not args.quiet)
+    config = TrainConfig(
+        epochs=args.epochs, seed=args.seed, batch_size=args.batch_size, lr=args.lr, aug=args.aug, **_runtime(args)
+    )
+    common = dict(resume=args.resume, force=args.force, tracking_uri=args.tracking_uri, progress=not args.quiet)
+    if args.backend == "ray":
+        from nas.training.ray_train import RayTrainOptions, train_supernet_on_ray
+
+        options = RayTrainOptions(args.address, args.num_workers, args.gpus_per_worker, args.max_failures)
+        result = train_supernet_on_ray(args.space, args.data, args.workspace, config, options, **common)
+    elif args.backend == "local":
+        result = train_supernet(args.space, args.data, args.workspace, config, device=args.device, **common)
+    else:
+        raise UserError(f"--backend {args.backend!r}: expected local or ray")
     if result.run_id:
         print(f"MLflow run {result.run_id}")
     return 0

@@ -18,8 +18,9 @@ from nas.report import format_front
 from nas.search.campaign import CampaignConfig, run_campaign, scorer_for
 from nas.space import load_space
 from nas.supernet import checkpoint as ckpt
-from nas.supernet.train import TrainConfig, train_supernet
+from nas.supernet.train import train_supernet
 from nas.train import train_from_recipe
+from nas.training.config import TrainConfig
 
 SPACE = "psvit-digits"
 
@@ -35,6 +36,18 @@ class DemoConfig:
     sampler: str = "nsga2"
     seed: int = 0
     progress: bool = True
+
+    def __post_init__(self):
+        """Refused before anything is trained: the CLI checks its flags, this checks library callers."""
+        for flag, value in (
+            ("--trials", self.trials), ("--supernet-epochs", self.supernet_epochs),
+            ("--retrain-epochs", self.retrain_epochs),
+        ):  # fmt: skip
+            if not isinstance(value, int) or value < 1:
+                raise UserError(f"{flag} {value}: must be at least 1 (a whole number)")
+        budget = self.latency_budget_ms
+        if budget is not None and not (math.isfinite(budget) and budget > 0):
+            raise UserError(f"--latency-budget-ms {budget}: must be a finite number > 0")
 
 
 def run_demo(config: DemoConfig, log=print) -> dict:
@@ -116,10 +129,13 @@ def _supernet(space, ws: Path, config: DemoConfig, log) -> Path:
 
 
 def _auto_budget(space, scorer, log) -> float:
-    """Halfway, on a log scale, between the smallest and the largest member's latency here."""
+    """Halfway, on a log scale, between the latencies here of the space's smallest-size and largest-size
+    members (sizes are not latencies: on some machines the smallest-size member is the slower one)."""
     small, large = (scorer.score(arch).latency_ms for arch in (space.smallest(), space.largest()))
     budget = math.sqrt(small * large)
+    faster = "smallest-size" if small <= large else "largest-size"
     log(
-        f"latency budget {budget:.3f} ms (geometric mean of the smallest member's {small:.3f} ms and the largest's {large:.3f} ms here)"
+        f"latency budget {budget:.3f} ms: geometric mean of the smallest-size member's {small:.3f} ms and the "
+        f"largest-size member's {large:.3f} ms here (the {faster} one is faster)"
     )
     return budget

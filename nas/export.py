@@ -2,7 +2,10 @@
 
 The trial is found in MLflow (by run id, or by campaign and trial number); its ``arch.yaml``
 artifact is the architecture, and the campaign's parent run says which space and supernet
-checkpoint it came from, so the weights written are the ones the search evaluated.
+checkpoint it came from, so the weights written are the ones the search evaluated: the
+checkpoint's hash must be the one the campaign recorded (``supernet_hash``), and the hash of the
+weights written goes into ``train.yaml`` for ``vitnas train`` to verify. Export only reads the
+store: a missing store, campaign or run is a one-line error, and nothing is created in it.
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from mlflow.exceptions import MlflowException
 
 from nas.arch import ArchConfig, load_arch
 from nas.errors import UserError
 from nas.space import load_space
 from nas.tracking import Campaign, connect
-from nas.weights import save_weights
+from nas.weights import file_hash, save_weights
 
 README = """# {name}
 
@@ -65,26 +69,37 @@ def export_trial(
     epochs: int = 30,
 ) -> ExportResult:
     """Write the trial's architecture, inherited weights, training recipe and a README into ``out``."""
-    client = connect(tracking_uri)
+    if epochs < 1:
+        raise UserError(f"--epochs {epochs}: must be at least 1 (a whole number)")
+    client = connect(tracking_uri, read_only=True)
     if run_id is None:
         if campaign is None or trial is None:
             raise UserError("export needs --run-id, or --campaign and --trial")
-        run_id = Campaign(tracking_uri, campaign).trial_run_id(trial)
-    run = client.get_run(run_id)
+        found = Campaign(tracking_uri, campaign, read_only=True)
+        if not found.exists():
+            raise UserError(f"no campaign {campaign!r} in {tracking_uri}")
+        run_id = found.trial_run_id(trial)
+    run = _get_run(client, tracking_uri, run_id)
     parent_id = run.data.tags.get("mlflow.parentRunId")
     if run.data.tags.get("vitnas.role") != "trial" or not parent_id:
         raise UserError(f"run {run_id} is not a vitnas trial run")
-    parent = client.get_run(parent_id)
+    parent = _get_run(client, tracking_uri, parent_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            arch = load_arch(client.download_artifacts(run_id, "arch.yaml", tmp))
+        except (MlflowException, OSError) as err:
+            raise UserError(f"run {run_id}: cannot read its arch.yaml artifact ({err})") from None
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        arch = load_arch(client.download_artifacts(run_id, "arch.yaml", tmp))
     (out / "arch.yaml").write_text(arch.to_yaml())
     files = ["arch.yaml"]
     data = parent.data.params.get("data") or "digits"
+    weights_hash = None
     if isinstance(arch, ArchConfig):
-        weights_note = _export_supernet_weights(parent.data.params, arch, out)
+        scored = run.data.tags.get("supernet_hash") or parent.data.tags.get("supernet_hash")
+        weights_note = _export_supernet_weights(parent.data.params, arch, out, scored)
         files.append("weights.safetensors")
+        weights_hash = file_hash(out / "weights.safetensors")
     else:
         weights_note = "the timm model's own weights file, see the space"
     recipe = train_recipe(
@@ -93,6 +108,7 @@ def export_trial(
         epochs=epochs,
         tracking_uri=tracking_uri,
         source_run_id=run_id,
+        weights_hash=weights_hash,
     )
     (out / "train.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     metrics = run.data.metrics
@@ -114,27 +130,46 @@ def export_trial(
     return ExportResult(out=out, run_id=run_id, arch_hash=arch.arch_hash(), files=files)
 
 
-def _export_supernet_weights(params: dict, arch: ArchConfig, out: Path) -> str:
+def _get_run(client, tracking_uri: str, run_id: str):
+    try:
+        return client.get_run(run_id)
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise UserError(f"no run {run_id!r} in {tracking_uri}") from None
+        raise
+
+
+def _export_supernet_weights(params: dict, arch: ArchConfig, out: Path, scored_hash: str | None) -> str:
+    """Extract ``arch`` from the campaign's checkpoint, refusing one that is not what was scored."""
     from nas.supernet import load_checkpoint
 
     checkpoint = params.get("supernet")
     if not checkpoint or checkpoint == "None":
         raise UserError("the campaign's parent run names no supernet checkpoint")
     space = load_space(params["space_file"])
-    net, meta = load_checkpoint(checkpoint, space)
+    net, meta = load_checkpoint(checkpoint, space)  # verifies the file against its sidecar's hash
+    if scored_hash and meta.get("weights_hash") and meta["weights_hash"] != scored_hash:
+        raise UserError(
+            f"{checkpoint}: checkpoint hash {meta['weights_hash']} is not {scored_hash}, the one the campaign "
+            "scored this trial with (trained further or replaced since?): the exported weights would not be "
+            "the weights scored"
+        )
     save_weights(net.extract(arch), out / "weights.safetensors", metadata={"arch_hash": arch.arch_hash()})
     return f"checkpoint {Path(checkpoint).name}, epoch {meta.get('epoch')}"
 
 
 def train_recipe(
-    *, weights: str | None, data: str, epochs: int, tracking_uri: str | None, source_run_id: str | None
+    *, weights: str | None, data: str, epochs: int, tracking_uri: str | None, source_run_id: str | None,
+    weights_hash: str | None = None,
 ) -> dict:
-    """The default ``train.yaml``: fine-tune inherited weights when there are any."""
+    """The default ``train.yaml``: fine-tune inherited weights when there are any (``weights_hash``:
+    their ``file_hash``, which ``vitnas train`` verifies)."""
     from nas.train import Recipe
 
     return Recipe(
         init="inherited" if weights else "scratch",
         weights=weights,
+        weights_hash=weights_hash,
         data=data,
         epochs=epochs,
         tracking_uri=tracking_uri,

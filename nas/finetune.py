@@ -15,9 +15,10 @@ from nas.data import load_splits
 from nas.errors import UserError
 from nas.evaluation import classification_accuracy
 from nas.space import SearchSpace
-from nas.supernet.train import TrainConfig
 from nas.timm_base import timm_base_model
-from nas.train import fit
+from nas.training import distributed
+from nas.training.classifier import train_classifier
+from nas.training.config import TrainConfig
 from nas.weights import save_weights
 
 #: A few epochs of the supernet trainer's recipe, without subnets: what ``vitnas finetune`` runs.
@@ -38,18 +39,29 @@ def finetune(
     data: str = "digits",
     config: TrainConfig = QUICK,
     init: str | Path | None = None,
+    device: str = "auto",
     progress: bool = True,
-) -> FinetuneOutcome:
+) -> FinetuneOutcome | None:
     """Train the space's model (starting from ``init`` or the space's weights) and save it to ``out``.
 
     The validation split is the one ``vitnas search --data`` scores on, and is never trained on.
+    Runs in this process or as one of torchrun's; rank 0 writes (the others return None).
     """
     if space.family != "timm":
         raise UserError(f"space {space.name} is a supernet space: train it with vitnas train-supernet")
     model = timm_base_model(space, init)
-    splits = load_splits(data, space.spec.image_size)
-    history = fit(model, splits, config, progress=progress)
-    val = classification_accuracy(model, splits.val)["accuracy"]
-    metadata = {"model": space.spec.model, "space": space.name, "data": splits.spec.spec, "epochs": str(config.epochs)}
-    path = save_weights(model, out, metadata=metadata)
+    splits = load_splits(data, space.spec.image_size, aug=config.aug)
+    world = distributed.start(device, config.precision)
+    try:
+        history = train_classifier(model, splits, config, world, desc="finetune", progress=progress)
+        if not world.main:
+            return None
+        val = classification_accuracy(model, splits.val, device=world.device)["accuracy"]
+        metadata = {
+            "model": space.spec.model, "space": space.name, "data": splits.spec.spec, "epochs": str(config.epochs),
+            "precision": config.precision, "world_size": str(world.size),
+        }  # fmt: skip
+        path = save_weights(model, out, metadata=metadata)
+    finally:
+        world.close()
     return FinetuneOutcome(path, val, history)

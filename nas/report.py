@@ -98,12 +98,32 @@ FRONT_COLUMNS = [
 
 
 def format_front(rows: list[dict], budget_ms: float | None = None) -> str:
-    """The Pareto front, fastest first; ``*`` marks the best trial under the budget."""
+    """The Pareto front, fastest first; ``*`` marks the best trial under the budget, and a legend line
+    under the table says what the star means. ``budget_ms`` None: the budget the rows were ranked
+    with (their ``latency_budget_ms``, as ``Campaign.front_rows`` and ``tag_pareto`` give them)."""
     if not rows:
         return "Pareto front: no finished trials"
+    if budget_ms is None:
+        budget_ms = next(
+            (r["latency_budget_ms"] for r in rows if r.get("latency_budget_ms") is not None), None
+        )
     shown = [
         {"best": "*" if r.get("best_under_budget") else "", **{c: r.get(c) for c in FRONT_COLUMNS}}
         for r in rows
     ]
-    note = f" (* = most accurate within {budget_ms:g} ms)" if budget_ms is not None else ""
-    return f"Pareto front, {len(rows)} trials{note}:\n" + format_table(shown, ["best", *FRONT_COLUMNS])
+    noisy = sum(bool(r.get("latency_noisy")) for r in rows)  # the metric nas.search.scoring records
+    columns = ["best", *FRONT_COLUMNS] + (["noisy"] if noisy else [])
+    for row, r in zip(shown, rows):
+        row["noisy"] = "noisy" if r.get("latency_noisy") else ""
+    note = f" ({noisy} with a noisy latency: rank with care)" if noisy else ""
+    table = format_table(shown, columns)
+    return f"Pareto front, {len(rows)} trials{note}:\n{table}\n{front_legend(rows, budget_ms)}"
+
+
+def front_legend(rows: list[dict], budget_ms: float | None) -> str:
+    """What the ``*`` of ``format_front`` marks (the trial MLflow tags ``best_under_budget``)."""
+    if budget_ms is None or budget_ms == float("inf"):
+        return "* = best_under_budget: the most accurate trial, at any latency (no latency budget)"
+    if not any(r.get("best_under_budget") for r in rows):
+        return f"no trial is within the latency budget of {budget_ms:g} ms: none is marked best_under_budget"
+    return f"* = best_under_budget: the most accurate trial within the latency budget of {budget_ms:g} ms"

@@ -47,6 +47,7 @@ from nas.arch import (
     format_validation_error,
     is_square,
     tome_max_r,
+    yaml_error,
 )
 from nas.errors import UserError
 
@@ -389,7 +390,7 @@ def load_space(path: str | Path) -> SearchSpace:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+        raise UserError(yaml_error(err, str(path))) from None
     return space_from_dict(data, str(path))
 
 

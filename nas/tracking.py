@@ -13,10 +13,12 @@ Tags vitnas sets: ``vitnas.role`` (``campaign``/``trial``), ``vitnas.campaign`` 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
 import re
+import sqlite3
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -35,7 +37,7 @@ from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH
 from sqlalchemy.engine import make_url
 
 from nas.arch import ArchConfig, TimmArch
-from nas.errors import UserError
+from nas.errors import UserError, explain_database_error
 from nas.pareto import best_under_budget, pareto_ranks
 from nas.sqlite_tuning import tune_sqlite
 
@@ -44,9 +46,28 @@ CAMPAIGN = "vitnas.campaign"
 FAILURE = "vitnas.failure"
 #: Where a resumed campaign records a param value that differs from the one logged first.
 RESUMED = "vitnas.resumed."
+#: The latency budget (ms, or ``none``): a campaign's param, and the tag on its parent run that says
+#: which budget the trials' ``best_under_budget`` tags were last computed for.
+BUDGET = "latency_budget_ms"
 END_STATES = ("FINISHED", "FAILED", "KILLED")
 _QUIET = MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.name
 _PAGE = 1000
+
+
+def filter_equals(key: str, value: str) -> str:
+    """An MLflow filter clause for ``key`` (e.g. ``tags.`vitnas.campaign```) equal to any string ``value``.
+
+    MLflow's filter parser has no escapes (a literal ends at the next quote of its kind), so the value
+    goes in whichever quotes it does not contain. A value holding both kinds cannot be written exactly:
+    it becomes ``LIKE`` with ``_`` for each quote and backslash, which may match more runs (``%`` and
+    ``_`` in it are wildcards too), so a caller that may see such a value compares it again.
+    """
+    if "'" not in value:
+        return f"{key} = '{value}'"
+    if '"' not in value:
+        return f'{key} = "{value}"'
+    pattern = "".join("_" if ch in "'\"\\" else ch for ch in value)
+    return f"{key} LIKE '{pattern}'"
 
 
 def default_tracking_uri(workspace: str | Path) -> str:
@@ -54,9 +75,12 @@ def default_tracking_uri(workspace: str | Path) -> str:
     return f"sqlite:///{Path(workspace).resolve() / 'mlflow.db'}"
 
 
-def connect(tracking_uri: str, after_fork: bool = False) -> MlflowClient:
+def connect(tracking_uri: str, after_fork: bool = False, read_only: bool = False) -> MlflowClient:
     """A client for the store; a sqlite file's folder is created first (SQLAlchemy will not), and
     its engine gets ``tune_sqlite``'s settings (a trial's writes took ~52 ms, ~42 ms with them).
+
+    ``read_only``: for commands that only read (pareto, export, dashboard): a sqlite store must
+    already exist (``require_store``), nothing is created and the journal mode is left alone.
 
     ``after_fork``: this process was forked from one that used the store; MLflow caches one store
     per URI, so its pooled database connections are the parent's: they are dropped, unclosed
@@ -68,16 +92,35 @@ def connect(tracking_uri: str, after_fork: bool = False) -> MlflowClient:
             "(http://host:port); MLflow's file store no longer opens"
         )
     db = _sqlite_path(tracking_uri)
-    if db is not None:
+    if read_only:
+        require_store(tracking_uri)
+    elif db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(tracking_uri)
     # MLflow keeps one store (and engine) per URI; it has no public way to reach the engine
     engine = getattr(getattr(getattr(client, "_tracking_client", None), "store", None), "engine", None)
     if engine is not None and after_fork:
         engine.dispose(close=False)
-    if engine is not None and db is not None:
+    if engine is not None and db is not None and not read_only:
         tune_sqlite(engine)
     return client
+
+
+def require_store(tracking_uri: str) -> None:
+    """``UserError`` unless a sqlite URI names an existing MLflow database: MLflow would create
+    one (and its tables) on first use, and reading must never write. Servers answer for themselves."""
+    db = _sqlite_path(tracking_uri)
+    if db is None:
+        return
+    if not db.is_file():
+        raise UserError(f"no tracking store at {db} (run vitnas search first, or pass --tracking-uri)")
+    try:
+        with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as con:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as err:
+        raise UserError(f"tracking store {db}: cannot read it: {explain_database_error(err)}") from None
+    if "experiments" not in tables:
+        raise UserError(f"{db}: not an MLflow tracking store (no experiments table)")
 
 
 def _sqlite_path(tracking_uri: str) -> Path | None:
@@ -109,6 +152,90 @@ def experiment_id(client: MlflowClient, tracking_uri: str, name: str) -> str:
             "(mlflow experiments restore) or choose another experiment name"
         )
     return exp.experiment_id
+
+
+def follow_moved_store(tracking_uri: str) -> list[str]:
+    """Re-point the artifact locations of a copied or moved sqlite store into its own folder; returns
+    the names of the experiments re-pointed.
+
+    ``experiment_id`` gives an experiment of a sqlite store the location ``<store folder>/mlartifacts/
+    <name>``, and MLflow keeps it absolute, in the experiment and in each run's ``artifact_uri``
+    (derived from it when the run is created). A workspace copied (``cp -a ws ws2``) or moved keeps
+    pointing at the original folder: runs resumed or created in the copy would write their artifacts
+    into the original. MLflow has no API to change an experiment's artifact location (mlflow/mlflow
+    #3719, #8700; ``mlflow db move-resources`` moves between MLflow's own tenant workspaces and
+    rewrites no run URI), and a relative location would be resolved against the current folder. So
+    a process that is about to write calls this first, and it rewrites those columns in the store's
+    own sqlite file, in one transaction: the experiments whose location has vitnas's layout under
+    another folder (a location the user chose is left alone), and the runs and logged models under
+    them. The files are not touched: a copy has its own already, a move took them along.
+    """
+    db = _sqlite_path(tracking_uri)
+    if db is None or not db.is_file():
+        return []
+    from urllib.parse import unquote, urlparse
+
+    from sqlalchemy import create_engine, inspect, text
+    from sqlalchemy.pool import NullPool
+
+    engine = create_engine(tracking_uri, poolclass=NullPool)
+    tune_sqlite(engine)  # the busy timeout: another process may be writing
+    moved = []
+    try:
+        with engine.begin() as con:
+            tables = set(inspect(con).get_table_names())
+            if not {"experiments", "runs"} <= tables:
+                return []
+            for exp_id, name, location in con.execute(
+                text("select experiment_id, name, artifact_location from experiments")
+            ).all():
+                url = urlparse(location or "")
+                if url.scheme not in ("file", "") or not url.path:
+                    continue
+                old = Path(unquote(url.path))
+                ours = db.parent / "mlartifacts" / re.sub(r"[^\w.-]", "_", name)
+                if old == ours or old.parent.name != "mlartifacts" or old.name != ours.name:
+                    continue
+                params = {"id": exp_id, "new": ours.as_uri(), "old": location.rstrip("/") + "/"}
+                con.execute(
+                    text("update experiments set artifact_location = :new where experiment_id = :id"), params
+                )
+                for table, column in (("runs", "artifact_uri"), ("logged_models", "artifact_location")):
+                    if table in tables:
+                        con.execute(
+                            text(
+                                f"update {table} set {column} = :new || '/' || substr({column}, length(:old) + 1) "
+                                f"where experiment_id = :id and substr({column}, 1, length(:old)) = :old"
+                            ),
+                            params,
+                        )
+                moved.append(name)
+            _forget_stale_artifact_repos(con)
+    finally:
+        engine.dispose()
+    return moved
+
+
+def _forget_stale_artifact_repos(con) -> None:
+    """MLflow caches each run's artifact repository in one dict per process, keyed by the run id
+    alone, whatever the store (private: ``nas.internals.mlflow_artifact_repos``): a process that used
+    the original workspace would go on writing a copied run's artifacts there. Cached entries of this
+    store's runs that point elsewhere are dropped."""
+    from sqlalchemy import bindparam, text
+
+    from nas.internals import mlflow_artifact_repos
+
+    cache = mlflow_artifact_repos()
+    if not cache:
+        return
+    query = text("select run_uuid, artifact_uri from runs where run_uuid in :ids").bindparams(
+        bindparam("ids", expanding=True)
+    )
+    for ids in _chunks(list(cache), 500):
+        for run_id, uri in con.execute(query, {"ids": ids}).all():
+            repo = cache.get(run_id)
+            if repo is not None and getattr(repo, "artifact_uri", uri) != uri:
+                cache.pop(run_id, None)
 
 
 def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
@@ -201,6 +328,7 @@ def training_run(
 ) -> Iterator[RunLogger]:
     """A run that ends FINISHED, FAILED on an exception (tagged with it), KILLED on Ctrl-C."""
     client = connect(tracking_uri)
+    follow_moved_store(tracking_uri)  # a copied workspace writes into itself, not the original
     run = client.create_run(
         experiment_id(client, tracking_uri, experiment),
         run_name=run_name,
@@ -257,26 +385,48 @@ class TrialRecord:
         )
 
 
+def campaign_budget(tags: dict, params: dict) -> float | None:
+    """A campaign run's latency budget (None: none) from its tags and params: the budget its
+    ``best_under_budget`` tags were last computed for, else the one it was last resumed or started with."""
+    value = tags.get(BUDGET, tags.get(RESUMED + BUDGET, params.get(BUDGET)))
+    try:
+        budget = float(value)
+    except (TypeError, ValueError):  # absent, "None" or "none": no budget
+        return None
+    return budget if math.isfinite(budget) and budget > 0 else None
+
+
 class Campaign:
     """One search campaign in MLflow: a parent run, found again by its name on resume, and one
     child run per trial."""
 
-    def __init__(self, tracking_uri: str, name: str, experiment: str = "vitnas", after_fork: bool = False):
+    def __init__(
+        self, tracking_uri: str, name: str, experiment: str = "vitnas", after_fork: bool = False,
+        read_only: bool = False,
+    ):  # fmt: skip
+        """``read_only``: only query (pareto, export): the store must exist and nothing is created
+        in it; a missing experiment is a campaign that does not exist."""
         if not name or re.search(r"['\"\\`]", name):
             raise UserError(f"campaign name {name!r}: must be non-empty, without quotes or backslashes")
         self.tracking_uri, self.name = tracking_uri, name
-        self.client = connect(tracking_uri, after_fork=after_fork)
-        self.experiment_id = experiment_id(self.client, tracking_uri, experiment)
+        self.client = connect(tracking_uri, after_fork=after_fork, read_only=read_only)
+        if read_only:
+            exp = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = None if exp is None else exp.experiment_id
+        else:
+            self.experiment_id = experiment_id(self.client, tracking_uri, experiment)
         self.parent_run_id: str | None = None
 
     # -- queries --
     def _search(self, filter_string: str) -> Iterator[Run]:
         """Every run of this campaign matching the filter, page by page (never all into pandas)."""
+        if self.experiment_id is None:  # read-only, and the store has no vitnas experiment
+            return
         token = None
         while True:
             page = self.client.search_runs(
                 [self.experiment_id],
-                f"tags.`{CAMPAIGN}` = '{self.name}' and {filter_string}",
+                f"{filter_equals(f'tags.`{CAMPAIGN}`', self.name)} and {filter_string}",
                 max_results=_PAGE,
                 page_token=token,
             )
@@ -319,7 +469,9 @@ class Campaign:
 
         Params are immutable in MLflow: on resume new keys are logged, and a value that differs
         from the first one is kept and the new one set as tag ``vitnas.resumed.<key>``.
+        A copied or moved workspace's store is re-pointed at its own artifacts first (``follow_moved_store``).
         """
+        follow_moved_store(self.tracking_uri)
         params, tags = _check_params(params or {}), {k: str(v) for k, v in (tags or {}).items()}
         where = f"tags.`{ROLE}` = 'campaign'"
         created = None
@@ -437,9 +589,13 @@ class Campaign:
         ``pareto``/``pareto_rank`` (``none`` when a metric is missing) on all, ``best_under_budget``
         true on the most accurate trial within ``budget_ms`` (any latency when None), false on the
         others. Only tags that change are written, so re-tagging after a few new trials is cheap.
-        Returns the front's rows (see ``TrialRecord.as_row``), fastest first.
+        The parent run's ``latency_budget_ms`` tag records the budget, for ``front_rows`` to read.
+        Returns the front's rows (see ``TrialRecord.as_row``; each with the budget), fastest first.
         """
         trials, ranks, best = self._ranked(acc_key, lat_key, budget_ms)
+        _log_batch(
+            self.client, self._parent(), tags={BUDGET: "none" if budget_ms is None else repr(budget_ms)}
+        )
         rows = []
         for i, (trial, rank) in enumerate(zip(trials, ranks, strict=True)):
             new = {
@@ -451,8 +607,9 @@ class Campaign:
             if changed:
                 _log_batch(self.client, trial.run_id, tags=changed)
             rows.append(
-                {**trial.as_row(), "pareto": rank == 0, "pareto_rank": rank, "best_under_budget": i == best}
-            )
+                {**trial.as_row(), "pareto": rank == 0, "pareto_rank": rank, "best_under_budget": i == best,
+                 BUDGET: budget_ms}
+            )  # fmt: skip
         return sorted(
             (r for r in rows if r["pareto"]), key=lambda r: (r[lat_key], -r[acc_key], r["trial_number"])
         )
@@ -465,13 +622,32 @@ class Campaign:
         ranks = pareto_ranks(list(zip(acc, lat, strict=True)), ("max", "min"))
         return trials, ranks, best_under_budget(acc, lat, math.inf if budget_ms is None else budget_ms)
 
+    def recorded_budget(self) -> float | None:
+        """The latency budget of the campaign (None: none): the one its ``best_under_budget`` tags were
+        last computed for (parent tag ``latency_budget_ms``), else, for a campaign tagged before that
+        tag existed, the budget it was started (or last resumed with a new one) with."""
+        run = self._oldest(f"tags.`{ROLE}` = 'campaign'")
+        return None if run is None else campaign_budget(run.data.tags, run.data.params)
+
     def front_rows(
         self, acc_key: str = "val_accuracy", lat_key: str = "latency_ms", budget_ms: float | None = None
     ) -> list[dict]:
-        """The front as ``tag_pareto`` returns it, computed without writing anything (read-only)."""
+        """The front as ``tag_pareto`` returns it, computed without writing anything (read-only).
+
+        ``budget_ms`` None: the campaign's own budget (``recorded_budget``), so the trial marked is
+        the one the search marked; ``math.inf``: the most accurate at any latency.
+        """
+        budget_ms = self.recorded_budget() if budget_ms is None else budget_ms
+        budget_ms = None if budget_ms == math.inf else budget_ms
         trials, ranks, best = self._ranked(acc_key, lat_key, budget_ms)
         rows = [
-            {**t.as_row(), "pareto": True, "pareto_rank": 0, "best_under_budget": i == best}
+            {
+                **t.as_row(),
+                "pareto": True,
+                "pareto_rank": 0,
+                "best_under_budget": i == best,
+                BUDGET: budget_ms,
+            }
             for i, (t, rank) in enumerate(zip(trials, ranks, strict=True))
             if rank == 0
         ]

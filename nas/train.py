@@ -9,24 +9,21 @@ and logs to MLflow with a tag linking back to the search trial it came from.
 from __future__ import annotations
 
 import contextlib
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
-import torch.nn.functional as F
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
-from tqdm.auto import tqdm
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from nas.arch import ArchConfig, format_validation_error, load_arch
 from nas.data import load_splits
 from nas.errors import UserError
 from nas.evaluation import classification_accuracy
 from nas.supernet.subnet import VitnasSubnet
-from nas.supernet.train import TrainConfig, epoch_batches, make_optimizer
+from nas.training import distributed
+from nas.training.classifier import train_classifier
+from nas.training.config import TrainConfig
 from nas.weights import load_weights, save_weights
 
 
@@ -38,14 +35,16 @@ class Recipe(BaseModel):
     arch: str = "arch.yaml"
     init: Literal["inherited", "scratch"] = "inherited"
     weights: str | None = "weights.safetensors"
+    weights_hash: str | None = None  # file_hash of the weights as exported: verified before training
     data: str = "digits"
-    epochs: int = 30
-    batch_size: int = 128
-    lr: float = 1e-3
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
     min_lr: float = 1e-5
     weight_decay: float = 0.05
     warmup_epochs: float = 2.0
     label_smoothing: float = 0.1
+    aug: str = "light"
     seed: int = 0
     tracking_uri: str | None = None
     experiment: str = "vitnas-train"
@@ -60,6 +59,7 @@ class Recipe(BaseModel):
             weight_decay=self.weight_decay,
             warmup_epochs=self.warmup_epochs,
             label_smoothing=self.label_smoothing,
+            aug=self.aug,
             random_subnets=0,
             seed=self.seed,
         )
@@ -86,11 +86,24 @@ def load_recipe(path: str | Path) -> tuple[Recipe, Path]:
         raise UserError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
 
 
-def train_from_recipe(path: str | Path, *, epochs: int | None = None, progress: bool = True) -> TrainOutcome:
-    """Train what ``train.yaml`` describes (``epochs`` overrides the recipe's)."""
+def train_from_recipe(
+    path: str | Path,
+    *,
+    epochs: int | None = None,
+    device: str = "auto",
+    runtime: dict | None = None,
+    progress: bool = True,
+) -> TrainOutcome | None:
+    """Train what ``train.yaml`` describes (``epochs`` overrides the recipe's) on ``device``; None on
+    processes other than rank 0.
+
+    ``runtime``: how to run it, not what (``precision``, ``accum_steps``, ``compile``,
+    ``loader_workers``). Runs in this process or as one of torchrun's; rank 0 writes.
+    """
     recipe, folder = load_recipe(path)
     if epochs is not None:
         recipe = recipe.model_copy(update={"epochs": epochs})
+    config = recipe.hyperparameters().replace(**(runtime or {}))
     arch = load_arch(folder / recipe.arch)
     if not isinstance(arch, ArchConfig):
         raise UserError(
@@ -100,63 +113,26 @@ def train_from_recipe(path: str | Path, *, epochs: int | None = None, progress: 
     if recipe.init == "inherited":
         if not recipe.weights:
             raise UserError(f"{path}: init inherited needs weights (or set init: scratch)")
-        load_weights(model, folder / recipe.weights)
-    splits = load_splits(recipe.data, arch.image_size, seed=None)
-    run_ctx = _tracking(recipe, arch, path)
-    with run_ctx as run:
-        history = fit(model, splits, recipe.hyperparameters(), run, progress)
-        test = classification_accuracy(model, splits.test)["accuracy"]
-        out = save_weights(model, folder / "trained.safetensors", metadata={"arch_hash": arch.arch_hash()})
-        if run is not None:
-            run.log_metrics({"test_accuracy": test})
-            run.set_tags({"weights": str(out)})
+        load_weights(model, folder / recipe.weights, expect_hash=recipe.weights_hash, recorded_in=path)
+    splits = load_splits(recipe.data, arch.image_size, seed=None, aug=config.aug)
+    world = distributed.start(device, config.precision)
+    try:
+        with _tracking(recipe, arch, path, config, world) as run:
+            history = train_classifier(model, splits, config, world, run=run, progress=progress)
+            if not world.main:
+                return None
+            test = classification_accuracy(model, splits.test, device=world.device)["accuracy"]
+            out = save_weights(model, folder / "trained.safetensors", metadata={"arch_hash": arch.arch_hash()})
+            if run is not None:
+                run.log_metrics({"test_accuracy": test})
+                run.set_tags({"weights": str(out)})
+    finally:
+        world.close()
     return TrainOutcome(test, history[-1]["val_accuracy"], out, getattr(run, "run_id", None), history)
 
 
-def fit(model, splits, config: TrainConfig, run=None, progress: bool = True) -> list[dict]:
-    """Train ``model`` on ``splits.train``, validating each epoch (logged to ``run`` if given).
-
-    nanoGPT-style loop: per-step learning rate, augmentation, label smoothing, clipping.
-    """
-    torch.manual_seed(config.seed)
-    optimizer = make_optimizer(model, config)
-    steps = max(1, len(splits.train) // config.batch_size)
-    warmup = round(config.warmup_epochs * steps)
-    history = []
-    bar = tqdm(
-        total=config.epochs * steps, unit="step", desc="train", disable=not progress, dynamic_ncols=True, file=sys.stderr
-    )
-    for epoch in range(config.epochs):
-        model.train()
-        t0, losses = time.perf_counter(), []
-        for _lr, x, y in epoch_batches(splits.train, config, epoch, steps, warmup, optimizer):
-            loss = F.cross_entropy(model(x), y, label_smoothing=config.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            losses.append(loss.item())
-            bar.update()
-            bar.set_postfix(epoch=f"{epoch + 1}/{config.epochs}", loss=f"{losses[-1]:.3f}")
-        val = classification_accuracy(model, splits.val)
-        history.append(
-            {
-                "epoch": epoch + 1,
-                "train_loss": sum(losses) / len(losses),
-                "val_accuracy": val["accuracy"],
-                "val_loss": val["loss"],
-                "lr": optimizer.param_groups[0]["lr"],
-                "seconds": time.perf_counter() - t0,
-            }
-        )
-        if run is not None:
-            run.log_metrics({k: v for k, v in history[-1].items() if k != "epoch"}, step=epoch + 1)
-    bar.close()
-    return history
-
-
-def _tracking(recipe: Recipe, arch: ArchConfig, path: Path):
-    if not recipe.tracking_uri:
+def _tracking(recipe: Recipe, arch: ArchConfig, path: Path, config: TrainConfig, world: distributed.World):
+    if not recipe.tracking_uri or not world.main:
         return contextlib.nullcontext()
     from nas.tracking import training_run
 
@@ -167,6 +143,6 @@ def _tracking(recipe: Recipe, arch: ArchConfig, path: Path):
         recipe.tracking_uri,
         recipe.experiment,
         f"train-{arch.arch_hash()}",
-        recipe.model_dump(exclude={"tracking_uri"}),
+        {**recipe.model_dump(exclude={"tracking_uri"}), **config.to_dict(), **world.describe()},
         tags,
     )

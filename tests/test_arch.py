@@ -160,7 +160,18 @@ def test_load_arch_errors_are_one_line(tmp_path):
 def test_arch_from_text_bad_yaml_is_user_error():
     with pytest.raises(UserError) as err:
         arch_from_text("stages: [\n", "x.yaml")
-    assert "\n" not in str(err.value) and str(err.value).startswith("x.yaml: ")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("x.yaml: not valid YAML at line 2, column 1: ")
+    assert "<unicode string>" not in msg
+
+
+def test_load_arch_yaml_error_names_the_file(tmp_path):
+    path = tmp_path / "arch.yaml"
+    path.write_text("family: psvit\nstages:\n  - dim: 3: 4\n")
+    with pytest.raises(UserError) as err:
+        load_arch(path)
+    msg = str(err.value)
+    assert msg == f"{path}: not valid YAML at line 3, column 11: mapping values are not allowed here", msg
 
 
 # -- the hash ----------------------------------------------------------------------------------
@@ -272,7 +283,7 @@ def test_tokens_never_grow_between_stages():
 
 def test_share_cannot_open_a_stage():
     msg = rejected(arch_dict(stage(65, cells=["share", "basic"])))
-    assert "stages[0].cells[0]: share" in msg
+    assert "stages[0].cells[0]: share has no earlier cell in the stage" in msg
     # not even after a leading identity cell
     msg = rejected(arch_dict(stage(65), stage(33, cells=["identity", "share"], pool="avg")))
     assert "stages[1].cells[1]: share" in msg
@@ -287,12 +298,15 @@ def test_share_after_tome_reduction():
     ok = arch_from_dict(arch_dict(stage(65, cells=["basic", "share"], reduction={"kind": "tome", "r": [0, 0]})))
     assert ok.token_trace() == [[65, 65]]
     msg = rejected(arch_dict(stage(65, cells=["basic", "share"], reduction={"kind": "tome", "r": [4, 0]})))
-    assert "stages[0].cells[1]: share" in msg
+    # cell 0 exists: the cause is the tokens it merged, not a missing cell
+    assert "stages[0].cells[1]: share cannot reuse cell 0's attention map: ToMe merges 4 tokens" in msg
+    assert "(65 -> 61 tokens)" in msg and "no earlier cell" not in msg
 
 
 def test_share_after_evit_reduction():
     msg = rejected(arch_dict(stage(65, cells=["basic", "share"], reduction={"kind": "evit", "keep_rate": 0.7, "at": [0]})))
-    assert "stages[0].cells[1]: share" in msg
+    assert "stages[0].cells[1]: share cannot reuse cell 0's attention map: EViT keeps 0.7" in msg
+    assert "(65 -> 47 tokens)" in msg and "no earlier cell" not in msg
 
 
 def test_share_after_evit_that_keeps_the_count():
@@ -301,7 +315,8 @@ def test_share_after_evit_that_keeps_the_count():
     red = {"kind": "evit", "keep_rate": 0.85, "at": [0]}
     data = arch_dict(stage(10, cells=["basic", "share"], reduction=red), image_size=12)
     msg = rejected(data)
-    assert "stages[0].cells[1]: share" in msg
+    assert "stages[0].cells[1]: share cannot reuse cell 0's attention map" in msg
+    assert "(10 tokens, but not the same ones)" in msg
 
 
 def test_share_with_linear_attention():

@@ -17,14 +17,16 @@ from PIL import Image
 from nas.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     DataSpec,
-    augment,
+    balanced_subset,
     load_splits,
-    make_loader,
     parse_data_spec,
     stratified_split,
 )
 from nas.errors import UserError
+from nas.training.augment import eval_transform
 
 
 def _digest(indices: dict[str, list[int]]) -> str:
@@ -118,40 +120,6 @@ def test_stratified_split_gives_small_classes_one_item_each_where_possible():
     parts = stratified_split([0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1], seed=3, fractions=(0.7, 0.15, 0.15))
     assert [sorted({(0 if i < 3 else 1) for i in p}) for p in parts] == [[0, 1]] * 3
     assert sum(len(p) for p in parts) == 13
-
-
-# --- loaders and augmentation ---------------------------------------------------------------------------
-
-
-def test_make_loader_order_is_fixed_by_seed(digits32):
-    def first_labels(seed):
-        loader = make_loader(digits32.train, batch_size=64, shuffle=True, seed=seed)
-        return next(iter(loader))[1]
-
-    assert torch.equal(first_labels(5), first_labels(5))
-    assert not torch.equal(first_labels(5), first_labels(6))
-    batches = list(make_loader(digits32.val, batch_size=100, shuffle=False, seed=0, drop_last=True))
-    assert len(batches) == len(digits32.val) // 100
-    assert batches[0][0].shape == (100, 3, 32, 32)
-
-
-def test_augment_shifts_by_whole_pixels_deterministically():
-    x = torch.arange(2 * 3 * 10 * 10, dtype=torch.float32).view(2, 3, 10, 10)
-    a = augment(x, torch.Generator().manual_seed(0))
-    b = augment(x, torch.Generator().manual_seed(0))
-    assert torch.equal(a, b) and a.shape == x.shape
-    # the centre 6x6 of every output is the input shifted by (dy, dx) in [-2, 2]
-    for n in range(2):
-        hits = [
-            (dy, dx)
-            for dy in range(-2, 3)
-            for dx in range(-2, 3)
-            if torch.equal(a[n, :, 2:8, 2:8], x[n, :, 2 + dy : 8 + dy, 2 + dx : 8 + dx])
-        ]
-        assert len(hits) == 1
-    many = augment(x.repeat(50, 1, 1, 1), torch.Generator().manual_seed(1))
-    assert len({tuple(m[0, 2:4, 2:4].flatten().tolist()) for m in many}) > 5  # shifts vary per image
-    assert torch.equal(augment(x, torch.Generator(), shift=0), x)
 
 
 # --- CIFAR ----------------------------------------------------------------------------------------------
@@ -254,6 +222,35 @@ def test_cifar_pickle_that_would_run_code_is_refused(tmp_path):
         load_splits(f"cifar10:{tmp_path}", 32)
 
 
+def test_cifar_eval_outputs_are_the_raw_pixels_normalised(tmp_path):
+    """What the val and test splits give at 32 px: the old tensor path's values, with or without aug."""
+    folder = _write_fake_cifar10(tmp_path)
+    with open(folder / "test_batch", "rb") as f:
+        raw = pickle.load(f)["data"]
+    mean, std = torch.tensor(CIFAR10_MEAN).view(3, 1, 1), torch.tensor(CIFAR10_STD).view(3, 1, 1)
+    for aug in ("none", "light"):
+        splits = load_splits(f"cifar10:{tmp_path}", 32, aug=aug)
+        for k in (0, 7):
+            expected = (torch.from_numpy(raw[k]).view(3, 32, 32).float() / 255 - mean) / std
+            assert torch.allclose(splits.test[k][0], expected, atol=1e-6)
+            # the eval transform of the PIL path (ImageFolder's) agrees at CIFAR's own size
+            image = Image.fromarray(raw[k].reshape(3, 32, 32).transpose(1, 2, 0))
+            assert torch.allclose(eval_transform(32, CIFAR10_MEAN, CIFAR10_STD)(image), expected, atol=1e-6)
+        assert torch.equal(splits.val[3][0], splits.val[3][0])
+
+
+def test_cifar_train_split_is_augmented(tmp_path):
+    _write_fake_cifar10(tmp_path)
+    plain = load_splits(f"cifar10:{tmp_path}", 32)
+    light = load_splits(f"cifar10:{tmp_path}", 32, aug="light")
+    assert light.indices == plain.indices
+    reads = [light.train[5] for _ in range(4)]
+    assert all(x.shape == (3, 32, 32) and y == plain.train[5][1] for x, y in reads)
+    assert any(not torch.equal(reads[0][0], x) for x, _ in reads[1:])
+    assert torch.equal(plain.train[5][0], plain.train[5][0])
+    assert load_splits(f"cifar10:{tmp_path}", 24, aug="deit").train[0][0].shape == (3, 24, 24)
+
+
 # --- ImageFolder ----------------------------------------------------------------------------------------
 
 
@@ -292,6 +289,95 @@ def test_imagefolder_errors_are_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="one sub-folder of images per class"):
         load_splits(f"imagefolder:{tmp_path / 'empty'}", 16)
+
+
+def _write_noise_pngs(root, classes=4, per_class=6, size=40):
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for k in range(per_class):
+            pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / f"class{c}" / f"{k}.png")
+
+
+@pytest.mark.parametrize("aug", ["none", "light", "deit"])
+def test_imagefolder_augments_train_only(tmp_path, aug):
+    _write_noise_pngs(tmp_path)
+    splits = load_splits(f"imagefolder:{tmp_path}", 32, seed=0, aug=aug)
+    assert splits.indices == load_splits(f"imagefolder:{tmp_path}", 32, seed=0).indices
+    files = sorted(tmp_path.glob("class*/*.png"))  # ImageFolder's order
+    evaluate = eval_transform(32, IMAGENET_MEAN, IMAGENET_STD)
+    for name in ("train", "val", "test"):
+        part, rows = getattr(splits, name), splits.indices[name]
+        reads = [part[1] for _ in range(4)]
+        assert all(x.shape == (3, 32, 32) and y == int(files[rows[1]].parent.name[-1]) for x, y in reads)
+        unchanged = evaluate(Image.open(files[rows[1]]).convert("RGB"))
+        if name == "train" and aug != "none":
+            assert any(not torch.equal(reads[0][0], x) for x, _ in reads[1:])
+        else:
+            assert all(torch.equal(x, unchanged) for x, _ in reads)
+
+
+def test_imagefolder_train_folder_is_augmented_and_val_folder_is_not(tmp_path):
+    _write_noise_pngs(tmp_path / "train", classes=2, per_class=3)
+    _write_noise_pngs(tmp_path / "val", classes=2, per_class=2)
+    splits = load_splits(f"imagefolder:{tmp_path}", 16, aug="light")
+    train = [splits.train[0][0] for _ in range(4)]
+    assert any(not torch.equal(train[0], x) for x in train[1:])
+    assert torch.equal(splits.val[0][0], splits.val[0][0]) and splits.test is splits.val
+
+
+def test_bad_aug_is_a_user_error():
+    with pytest.raises(UserError, match="--aug 'strong': expected one of none, light, deit"):
+        load_splits("digits", 8, aug="strong")
+
+
+# --- validation subsets ----------------------------------------------------------------------------------
+
+
+def test_digits_val_subset_is_balanced_fixed_and_stays_a_tensor_dataset():
+    full = load_splits("digits", 8, seed=0)
+    a = load_splits("digits", 8, seed=0, val_subset=50)
+    b = load_splits("digits", 8, seed=0, val_subset=50)
+    assert (a.val_subset, full.val_subset) == (50, None)
+    assert torch.bincount(a.val.tensors[1], minlength=10).tolist() == [5] * 10
+    assert torch.equal(a.val.tensors[0], b.val.tensors[0]) and a.indices == b.indices
+    assert set(a.indices["val"]) < set(full.indices["val"])
+    # the kept rows are the ones the indices name
+    position = {row: k for k, row in enumerate(full.indices["val"])}
+    assert torch.equal(a.val.tensors[0], full.val.tensors[0][[position[r] for r in a.indices["val"]]])
+    assert a.labels("val") == a.val.tensors[1].tolist()
+    assert load_splits("digits", 8, seed=1, val_subset=50).indices["val"] != a.indices["val"]
+    assert len(load_splits("digits", 8, val_subset=10_000).val) == len(full.val)
+
+
+@pytest.mark.parametrize("n", [0, -3, 9])
+def test_val_subset_smaller_than_the_classes_is_refused(n):
+    with pytest.raises(UserError, match="--val-subset") as err:
+        load_splits("digits", 8, val_subset=n)
+    assert "\n" not in str(err.value)
+
+
+def test_cifar_and_imagefolder_val_subsets(tmp_path):
+    (tmp_path / "cifar").mkdir()
+    _write_fake_cifar10(tmp_path / "cifar", per_batch=40)  # 20 a class in the train pool, 2 of them to val
+    cifar = load_splits(f"cifar10:{tmp_path / 'cifar'}", 32, val_subset=10)
+    assert len(cifar.val) == 10 and sorted(cifar.labels("val")) == list(range(10))
+    assert [int(cifar.val[k][1]) for k in range(10)] == cifar.labels("val")
+    _write_noise_pngs(tmp_path / "images", classes=3, per_class=20)
+    images = load_splits(f"imagefolder:{tmp_path / 'images'}", 16, val_subset=4)
+    assert sorted(images.labels("val")) in ([0, 0, 1, 2], [0, 1, 1, 2], [0, 1, 2, 2])
+    assert [int(images.val[k][1]) for k in range(4)] == images.labels("val")
+    assert images.labels("train") == [int(images.train[k][1]) for k in range(len(images.train))]
+
+
+def test_balanced_subset_spreads_what_small_classes_cannot_give():
+    labels = [0] * 2 + [1] * 10 + [2] * 10
+    keep = balanced_subset(labels, 13, seed=0)
+    assert sorted(np.bincount([labels[i] for i in keep]).tolist()) == [2, 5, 6]
+    assert keep == sorted(keep) == balanced_subset(labels, 13, seed=0)
+    assert balanced_subset(labels, 13, seed=1) != keep
+    assert balanced_subset(labels, 100, seed=0) == list(range(22))
 
 
 # --- specs ----------------------------------------------------------------------------------------------

@@ -498,14 +498,25 @@ def test_malformed_space_is_one_line_error(tmp_path, case):
         ("- a\n- b\n", ["a search space is a mapping", "list"]),
         ("just a string\n", ["a search space is a mapping", "str"]),
         ("", ["a search space is a mapping"]),
-        ("name: x\nstages: [\n  - dim: [8]\n", ["not valid YAML"]),
-        ("name: x\n\tdim: 3\n", ["not valid YAML"]),
+        ("name: x\nstages: [\n  - dim: [8]\n", ["not valid YAML at line 3, column 3", "found '-'"]),
+        ("name: x\n\tdim: 3\n", ["not valid YAML at line 2, column 1", "'\\t'"]),
+        ("name: x\x07\n", ["not valid YAML at character 8: unacceptable character #x0007"]),
     ],
 )
 def test_unreadable_space_files(tmp_path, text, needles):
     path = tmp_path / "space.yaml"
     path.write_text(text)
     _expect_one_line(path, needles)
+
+
+def test_yaml_errors_name_the_file_not_the_string_it_was_read_into(tmp_path):
+    """PyYAML names the stream it parsed: ``in "<unicode string>"`` for the text read from the file."""
+    path = tmp_path / "space.yaml"
+    path.write_text("name: x\nstages: [\n  - dim: [8]\n")
+    with pytest.raises(UserError) as err:
+        load_space(path)
+    assert str(err.value).startswith(f"{path}: not valid YAML at line 3, column 3: ")
+    assert "<unicode string>" not in str(err.value) and "^" not in str(err.value)
 
 
 def test_missing_space_file_is_not_replaced_by_a_shipped_one(tmp_path):

@@ -234,3 +234,73 @@ def test_sqlite_stores_commit_without_waiting_for_the_disk(tmp_path):
         with engine.connect() as con:
             assert con.execute(text("PRAGMA journal_mode")).scalar() == "wal"
             assert con.execute(text("PRAGMA synchronous")).scalar() == 1  # NORMAL
+
+
+def test_front_rows_default_to_the_campaigns_own_budget(campaign):
+    """``vitnas pareto`` without a budget marks the trial the search marked, and says what the star is."""
+    from nas.report import format_front
+
+    fill(campaign)
+    campaign.tag_pareto(budget_ms=5.0)  # as the search does at its end, with the campaign's budget
+    client = MlflowClient(campaign.tracking_uri)
+    searched = tagged(client, campaign, "tags.best_under_budget = 'true'")
+    assert searched == {min(ORDER[i] for i, p in enumerate(POINTS) if p[:2] == (0.7, 4.0))}
+
+    reader = Campaign(campaign.tracking_uri, "digits-cpu")  # another process: `vitnas pareto`
+    rows = reader.front_rows()
+    assert {r["trial_number"] for r in rows if r["best_under_budget"]} == searched
+    assert reader.recorded_budget() == 5.0
+    text = format_front(rows)  # as the CLI calls it without --latency-budget-ms
+    star = [line for line in text.splitlines() if line.startswith("*") and "0.7" in line]
+    assert len(star) == 1 and f" {next(iter(searched))} " in f" {star[0]} "
+    assert text.splitlines()[-1] == "* = best_under_budget: the most accurate trial within the latency budget of 5 ms"
+
+    # an explicit budget still wins; math.inf asks for the most accurate at any latency
+    assert {r["trial_number"] for r in reader.front_rows(budget_ms=0.5) if r["best_under_budget"]} == set()
+    assert "none is marked" in format_front(reader.front_rows(budget_ms=0.5)).splitlines()[-1]
+    anywhere = reader.front_rows(budget_ms=float("inf"))
+    assert {r["trial_number"] for r in anywhere if r["best_under_budget"]} == {ORDER[POINTS.index((0.9, 16.0, 0))]}
+    assert format_front(anywhere).splitlines()[-1].endswith("(no latency budget)")
+
+    # a campaign tagged before the tag existed: the budget it was started with (a param)
+    campaign.client.delete_tag(campaign.parent_run_id, tracking.BUDGET)
+    campaign.client.log_param(campaign.parent_run_id, tracking.BUDGET, "5.0")
+    assert {r["trial_number"] for r in reader.front_rows() if r["best_under_budget"]} == searched
+
+
+def test_a_copied_store_writes_its_artifacts_into_itself(tmp_path, mlflow_db_template):
+    """``cp -a ws ws2``: runs resumed or started in ws2 keep their artifacts under ws2, never in ws."""
+    import shutil
+
+    ws, ws2 = tmp_path / "ws", tmp_path / "ws2"
+    ws.mkdir()
+    shutil.copy(mlflow_db_template, ws / "mlflow.db")
+    first = Campaign(default_tracking_uri(ws), "moved")
+    first.start_or_resume()
+    old_run = first.trial_run(0, arch(0))
+    first.finish_trial(old_run, {"val_accuracy": 0.5, "latency_ms": 1.0})
+    first.end()
+    own = first.client.create_experiment("own", artifact_location=(tmp_path / "elsewhere").as_uri())
+    shutil.copytree(ws, ws2)
+    before = sorted(p.relative_to(ws) for p in ws.rglob("*"))
+
+    copy = Campaign(default_tracking_uri(ws2), "moved")
+    assert copy.start_or_resume() == first.parent_run_id
+    new_run = copy.trial_run(1, arch(1))
+    copy.finish_trial(new_run, {"val_accuracy": 0.6, "latency_ms": 2.0})
+    copy.tag_pareto()
+    copy.log_front_artifacts()
+    copy.end()
+    with training_run(default_tracking_uri(ws2), "vitnas-train", "t", {}, {}) as run:
+        run.log_text("x", "notes.txt")
+
+    assert sorted(p.relative_to(ws) for p in ws.rglob("*")) == before  # nothing new in the original
+    art = ws2 / "mlartifacts" / "vitnas"
+    assert (art / new_run / "artifacts" / "arch.yaml").is_file()
+    assert (art / first.parent_run_id / "artifacts" / "pareto.csv").is_file()
+    assert (ws2 / "mlartifacts" / "vitnas-train" / run.run_id / "artifacts" / "notes.txt").is_file()
+    client = MlflowClient(default_tracking_uri(ws2))
+    assert client.get_experiment(copy.experiment_id).artifact_location == art.as_uri()
+    assert client.get_run(old_run).info.artifact_uri == f"{art.as_uri()}/{old_run}/artifacts"
+    assert client.get_experiment(own).artifact_location == (tmp_path / "elsewhere").as_uri()  # the user's choice
+    assert tracking.follow_moved_store(default_tracking_uri(ws2)) == []  # done once

@@ -1,5 +1,6 @@
-// One campaign: every trial a point (colour GFLOPs, size params), the front as a staircase, a
-// latency-budget slider that moves the star onto the best architecture under it, a click opens it.
+// One campaign: every trial a point (colour GFLOPs, size params, a cross where the latency was noisy),
+// the front as a staircase, a latency-budget slider that moves the star onto the best architecture
+// under it, a click opens it.
 "use strict";
 
 (async () => {
@@ -31,6 +32,13 @@
 
   const params = points.map(p => p.params_m ?? 0);
   const maxParams = Math.max(...params, 1e-9);
+  // colour by GFLOPs over the range the trials span; without that metric one colour and no colour
+  // bar (plotly would draw one around nothing, from -0.4 to 0.4)
+  const flops = points.map(p => p.gflops).filter(v => typeof v === "number" && Number.isFinite(v));
+  const colour = flops.length
+    ? { color: points.map(p => p.gflops ?? null), colorscale: "Viridis", showscale: true,
+        cmin: Math.min(...flops), cmax: Math.max(...flops), colorbar: { title: { text: "GFLOPs" } } }
+    : { color: "#30638e", showscale: false };
   const plot = document.getElementById("plot");
   const trace = (ps, style) => ({
     type: "scatter", x: ps.map(p => p.latency_ms), y: ps.map(p => p.val_accuracy),
@@ -41,8 +49,8 @@
     trace(points, {
       name: "trials", mode: "markers",
       marker: {
-        color: points.map(p => p.gflops), colorscale: "Viridis", showscale: true,
-        colorbar: { title: { text: "GFLOPs" } }, size: params, sizemode: "area",
+        ...colour, size: params, sizemode: "area",
+        symbol: points.map(p => (p.latency_noisy === 1 ? "x" : "circle")),  // a noisy latency, ranked with care
         sizeref: 2 * maxParams / (points.length > 1000 ? 14 : 22) ** 2, sizemin: 3, opacity: 0.85, line: { width: 0.5, color: "#333" },
       },
     }),

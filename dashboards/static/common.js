@@ -78,6 +78,7 @@ const VN = (() => {
       `accuracy ${fmt(p.val_accuracy, 4)}`,
       `latency ${fmt(p.latency_ms)} ms (p90 ${fmt(p.latency_p90_ms)})`,
       `GFLOPs ${fmt(p.gflops, 4)} · params ${fmt(p.params_m)} M`);
+    if (p.latency_noisy === 1) lines.push("<b>noisy latency</b>: still spread after re-measuring; rank with care");
     return lines.join("<br>");
   }
 
@@ -118,7 +119,7 @@ const VN = (() => {
       Object.entries(d.tags).map(([k, v]) => [el("dt", { text: k }), el("dd", { text: v })]));
     const command = el("pre", { id: "export-command", class: "command", text: d.export_command });
     return [
-      el("h2", { id: "trial-title" }, `trial ${d.trial_number} · `, el("span", { id: "trial-name", text: d.run_name })),
+      el("h2", { id: "trial-title" }, trialTitle(d)),
       el("p", { class: "sub" }, el("span", { text: `run ${d.run_id}` }), " · ",
         el("span", { text: `arch ${d.arch_hash}` }), " · ", el("span", { text: d.status })),
       metrics,
@@ -131,6 +132,14 @@ const VN = (() => {
       mlflowLink(d.mlflow),
       d.arch_yaml ? el("details", {}, el("summary", { text: "arch.yaml" }), el("pre", { text: d.arch_yaml })) : null,
     ];
+  }
+
+  /** "trial 12", and the run's name only when it says more: vitnas names trial runs "trial-12". */
+  function trialTitle(d) {
+    const number = d.trial_number === "" ? null : `trial ${d.trial_number}`;
+    const name = d.run_name && d.run_name !== `trial-${d.trial_number}` ? d.run_name : null;
+    if (number === null) return el("span", { id: "trial-name", text: name ?? `run ${d.run_id}` });
+    return name === null ? number : [number, " · ", el("span", { id: "trial-name", text: name })];
   }
 
   function mlflowLink(link) {

@@ -52,7 +52,7 @@ def fingerprint(target: Target) -> Fingerprint:
             "cuda_version": torch.version.cuda,
         }
     return Fingerprint(
-        cpu_model=_cpu_model(),
+        cpu_model=cpu_model(),
         cores=_cores(),
         machine=platform.machine(),
         system=platform.system(),
@@ -63,7 +63,8 @@ def fingerprint(target: Target) -> Fingerprint:
 
 
 @functools.cache
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import bisect
 import json
-import os
 import statistics
-import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,6 +30,7 @@ from scipy.stats import theilslopes
 
 from nas.arch import ArchConfig, TimmArch
 from nas.errors import UserError
+from nas.files import write_atomically
 from nas.hardware.fingerprint import Fingerprint
 from nas.hardware.parts import decompose
 from nas.hardware.target import Target
@@ -124,12 +123,8 @@ class LatencyTable:
 
     def save(self, path: Path) -> None:
         """Atomic: a reader (or a crash) never sees half a file."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            "w", dir=path.parent, prefix=path.name, suffix=".tmp", delete=False
-        ) as f:
-            json.dump(self.to_dict(), f, indent=1)
-        os.replace(f.name, path)
+        text = json.dumps(self.to_dict(), indent=1)
+        write_atomically(path, lambda tmp: Path(tmp).write_text(text))
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyTable:

@@ -9,13 +9,19 @@ patched with a token-reduction schedule written in the ``--reduce`` mini-grammar
 
     tome   r=INT            merges in every block (ToMe's constant schedule)
            r=INT/INT/...    merges per block, one entry per block
-           decreasing=INT   from INT at the first block linearly down to 0 at the last
+           decreasing=INT   from INT at the first block linearly down to 0 at the last (rounded)
+           inflection=FLOAT with r=INT: the ToMe code's (r, inflection) schedule, -1 to 1;
+                            -1 is the paper's decreasing one: 2r down to 0, truncated, so
+                            decreasing=16 and r=8,inflection=-1 differ only by rounding
+           order=NAME       reference (default): ToMe's matching as published; spatial:
+                            vitnas's variant that keeps surviving tokens in sequence order
            prop_attn=BOOL   proportional attention (default true)
     evit   keep=FLOAT       keep rate in (0, 1] at the pruning blocks (required)
            layers=INT/...   0-based pruning blocks (required; EViT-S uses 3/6/9)
            prop_attn=BOOL   (default false)
 
-Examples: ``tome:r=8``, ``tome:decreasing=16``, ``evit:keep=0.7,layers=3/6/9``.
+Examples: ``tome:r=8``, ``tome:r=8,inflection=-1``, ``tome:r=8,order=spatial``,
+``evit:keep=0.7,layers=3/6/9``.
 """
 
 from __future__ import annotations
@@ -32,7 +38,11 @@ from nas.hardware.measure import Latency, measure
 from nas.hardware.target import Target
 
 REDUCE_HELP = __doc__[__doc__.index("    REDUCE") : __doc__.index("Examples")].rstrip()
-_KEYS = {"tome": ("r", "decreasing", "prop_attn"), "evit": ("keep", "layers", "prop_attn")}
+_KEYS = {
+    "tome": ("r", "decreasing", "inflection", "order", "prop_attn"),
+    "evit": ("keep", "layers", "prop_attn"),
+}
+_ORDERS = ("reference", "spatial")
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -101,7 +111,22 @@ def parse_reduce(text: str) -> dict:
     if kind == "tome":
         if ("r" in values) == ("decreasing" in values):
             raise _bad(text, "tome takes exactly one of r=INT, r=INT/INT/... or decreasing=INT")
-        if "r" in values:
+        if "order" in values:
+            if values["order"] not in _ORDERS:
+                raise _bad(text, f"order={values['order']!r} is not one of {', '.join(_ORDERS)}")
+            schedule["order"] = values["order"]
+        if "inflection" in values:
+            if "r" not in values or "/" in values["r"]:
+                raise _bad(text, "inflection=FLOAT goes with a single r=INT")
+            r = _ints(text, "r", values["r"])
+            try:
+                inflection = float(values["inflection"])
+            except ValueError:
+                inflection = 2.0
+            if not -1 <= inflection <= 1:
+                raise _bad(text, f"inflection={values['inflection']!r} is not a number in [-1, 1]")
+            schedule["r"] = {"rule": "inflection", "r": r[0], "inflection": inflection}
+        elif "r" in values:
             r = _ints(text, "r", values["r"])
             schedule["r"] = r[0] if len(r) == 1 and "/" not in values["r"] else r
         else:

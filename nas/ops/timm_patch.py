@@ -10,7 +10,9 @@ protected. Proportional attention adds log(size) through a float mask, so the fu
 size. A block with nothing to do while every token still has size 1 runs timm's own forward,
 so `{"kind": "none"}` and `r = 0` are exactly the unpatched model.
 
-Options: tome `prop_attn` (default True, as in ToMe) and `trace_source` (keep, per token, which
+Options: tome `order` (`reference`, the default: ToMe's matching as published, whose accuracies a
+user patching a pretrained model expects; `spatial`: vitnas's order-keeping variant, see
+`nas.ops.tome`), `prop_attn` (default True, as in ToMe) and `trace_source` (keep, per token, which
 input tokens it holds: `source(model)` after a forward); evit `prop_attn` (default False, as in
 EViT). Reductions are labelled `vitnas::tome` / `vitnas::evit` for `torch.profiler`.
 """
@@ -28,11 +30,11 @@ from torch.profiler import record_function
 
 from nas.ops.attention import attention, class_attention, merge_heads
 from nas.ops.evit import evit_fuse
-from nas.ops.tome import bipartite_soft_matching, tome_schedule
+from nas.ops.tome import ORDERS, bipartite_soft_matching, tome_schedule
 
 _OPTIONS = {
     "none": set(),
-    "tome": {"r", "prop_attn", "trace_source"},
+    "tome": {"r", "order", "prop_attn", "trace_source"},
     "evit": {"keep_rate", "layers", "prop_attn"},
 }
 
@@ -46,6 +48,7 @@ class _Plan:
     num_prefix: int
     prop_attn: bool = False
     trace_source: bool = False
+    order: str = "reference"
     size: Tensor | None = field(default=None, repr=False)
     source: Tensor | None = field(default=None, repr=False)
 
@@ -71,8 +74,16 @@ def _parse(schedule: dict, depth: int, num_prefix: int, has_cls: bool) -> _Plan:
         if "r" not in schedule:
             raise ValueError("tome schedule needs r (int, list per block, or rule dict)")
         steps = tome_schedule(schedule["r"], depth)
+        order = schedule.get("order", "reference")
+        if order not in ORDERS:
+            raise ValueError(f"tome schedule: order must be one of {', '.join(ORDERS)}, got {order!r}")
         return _Plan(
-            kind, steps, num_prefix, schedule.get("prop_attn", True), schedule.get("trace_source", False)
+            kind,
+            steps,
+            num_prefix,
+            schedule.get("prop_attn", True),
+            schedule.get("trace_source", False),
+            order,
         )
     if not has_cls:
         raise ValueError("evit ranks tokens by class-token attention, and this model has no class token")
@@ -134,7 +145,7 @@ class _ReducingBlock:
         x = x + self.drop_path1(self.ls1(y))
         if plan.kind == "tome" and plan.active(i):
             with record_function("vitnas::tome"):
-                merge = bipartite_soft_matching(keys.mean(dim=1), int(plan.steps[i]), p)
+                merge = bipartite_soft_matching(keys.mean(dim=1), int(plan.steps[i]), p, plan.order)
                 x, plan.size = merge.merge(x, plan.size)
                 if plan.source is not None:
                     plan.source = merge.merge_source(plan.source)

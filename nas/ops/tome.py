@@ -1,13 +1,25 @@
-"""Token merging by bipartite soft matching (ToMe, Bolya et al. 2023 ICLR).
+"""Token merging by bipartite soft matching (ToMe, Bolya et al. 2023 ICLR), in two orders.
 
-The non-prefix tokens are split alternately into A (even positions) and B (odd positions); each A
-token finds its most similar B token by cosine similarity of the metric (the attention keys
-averaged over heads); the `r` A tokens with the best matches are merged into their B tokens by a
-size-weighted average, and sizes add. Written from the paper, not from the reference code.
+Each token of set A finds its most similar token of set B by cosine similarity of the metric (the
+attention keys averaged over heads); the `r` A tokens with the best matches are merged into their B
+tokens by a size-weighted average, and sizes add. Prefix tokens (class, distillation, registers)
+are never merged. Written from the paper; outputs checked against the reference code (none of it
+copied). Two variants, by `order`:
 
-Unlike the reference, surviving tokens keep their original relative order (prefix first), so a
-later 1D operator over the sequence (depthwise conv, conv pooling) still sees near neighbours. The
-merge itself is one row gather of the kept tokens plus `r`-row updates: no full-size scatter.
+- `reference` (ToMe as published; the default of `nas.ops.timm_patch`, since the paper's accuracies
+  were measured with it): A and B alternate over the whole sequence, position 0 (the class token) in
+  A, so A = positions 0, 2, 4, ... and B = 1, 3, 5, ...; prefix tokens in A never merge and prefix
+  tokens in B never receive a merge. The output is the prefix, then the unmerged non-prefix A tokens
+  in sequence order, then every non-prefix B token in sequence order (the merged groups sit where
+  their B token is in that list). Where the reference code leaves a model without a class token in
+  score order, this one keeps sequence order too.
+- `spatial` (vitnas's order-keeping variant; the default here, used by the psvit family, whose
+  supernet checkpoints were trained with it): A and B alternate over the non-prefix tokens only
+  (the first non-prefix token in A), and every survivor keeps its sequence position (prefix
+  first), so a later 1D operator over the sequence (depthwise conv, conv pooling) still sees near
+  neighbours.
+
+Either way the merge is one row gather of the kept tokens plus `r`-row updates: no full-size scatter.
 """
 
 from __future__ import annotations
@@ -17,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+ORDERS = ("reference", "spatial")
 
 
 @dataclass(frozen=True)
@@ -94,12 +108,20 @@ def clamp_r(r: int, tokens: int, num_prefix: int = 1) -> int:
 
 
 @torch.no_grad()
-def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int = 1) -> Merge:
-    """Match `metric [B, N, C]` (keys averaged over heads) and pick the `r` best A→B merges."""
+def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int = 1, order: str = "spatial") -> Merge:
+    """Match `metric [B, N, C]` (keys averaged over heads) and pick the `r` best A→B merges.
+
+    `order` is `spatial` (default: what the psvit supernet was trained with) or `reference`
+    (ToMe as published); the module docstring says how they differ.
+    """
+    if order not in ORDERS:
+        raise ValueError(f"ToMe order must be one of {', '.join(ORDERS)}, got {order!r}")
     b, n, _ = metric.shape
     r = clamp_r(r, n, num_prefix)
     if r == 0:
         return identity_merge(b, n, metric.device)
+    if order == "reference":
+        return _reference_matching(metric, r, num_prefix)
     m = metric[:, num_prefix:]
     m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     best, match = (m[:, ::2] @ m[:, 1::2].transpose(1, 2)).max(dim=-1)  # per A token: best B
@@ -112,6 +134,32 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int = 1) -> Merg
     return Merge(b, n, keep.nonzero().squeeze(1), src, dst, pos.index_select(0, dst))
 
 
+def _reference_matching(metric: Tensor, r: int, p: int) -> Merge:
+    """ToMe as published: A = even positions, B = odd, over the whole sequence; prefix protected.
+
+    Output order: prefix, unmerged non-prefix A, non-prefix B (each in sequence order). `r` is
+    already clamped, so it never exceeds the non-prefix A tokens and a -inf row is never picked.
+    """
+    b, n, _ = metric.shape
+    dev = metric.device
+    m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    scores = m[:, ::2] @ m[:, 1::2].transpose(1, 2)  # [B, |A|, |B|]
+    scores[:, : (p + 1) // 2] = -torch.inf  # prefix tokens at even positions never merge ...
+    scores[:, :, : p // 2] = -torch.inf  # ... and those at odd positions never take a merge
+    best, match = scores.max(dim=-1)
+    src_a = best.topk(r, dim=-1).indices  # [B, r] indices into A
+    dst_b = match.gather(1, src_a)  # [B, r] indices into B, never a prefix column
+    first = torch.arange(0, b * n, n, device=dev).unsqueeze(1)  # flat row of each sample's token 0
+    src, dst = (first + 2 * src_a).view(-1), (first + 2 * dst_b + 1).view(-1)
+    # output order of all n positions (built from aranges only: a static permutation of n)
+    even = torch.arange(p + p % 2, n, 2, device=dev)
+    perm = torch.cat([torch.arange(p, device=dev), even, torch.arange(p + 1 - p % 2, n, 2, device=dev)])
+    kept = torch.ones(b * n, dtype=torch.bool, device=dev).index_fill_(0, src, 0).view(b, n)[:, perm]
+    out_row = (kept.view(-1).cumsum(dim=0) - 1).view(b, n)  # flat output row of each place (n - r per sample)
+    slot = out_row.gather(1, dst_b + (p + even.numel() - p // 2))  # B index k sits at p + |even| + k - p//2
+    return Merge(b, n, (first + perm)[kept], src, dst, slot.view(-1))
+
+
 def merge_wavg(merge: Merge, x: Tensor, size: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Functional form of `merge.merge`: size-weighted average merge."""
     return merge.merge(x, size)
@@ -120,8 +168,14 @@ def merge_wavg(merge: Merge, x: Tensor, size: Tensor | None = None) -> tuple[Ten
 def tome_schedule(r: int | Sequence[int] | dict, num_layers: int) -> list[int]:
     """Merges per layer from an int (constant), a list (one per layer) or a rule dict.
 
-    Rules: `{"rule": "constant", "r": 8}`, `{"rule": "decreasing", "start": 16}` (linear from
-    `start` at the first layer down to 0 at the last).
+    Rules: `{"rule": "constant", "r": 8}`; `{"rule": "decreasing", "start": 16}` (linear from
+    `start` at the first layer down to 0 at the last, rounded to nearest); `{"rule": "inflection",
+    "r": 8, "inflection": -1}`, the reference code's `r=(8, -1)` form: linear from
+    `int(r * (1 - inflection))` to `2r` minus that, each value truncated as the reference does
+    (inflection -1 is the paper's decreasing schedule, 0 constant r, +1 increasing).
+    `decreasing` with `start = 2r` is the reference's `(r, -1)` but for rounding: with 12 layers
+    `start=16` gives 16, 15, 13, 12, 10, 9, 7, 6, 4, 3, 1, 0 where `(8, -1)` gives
+    16, 14, 13, 11, 10, 8, 7, 5, 4, 2, 1, 0; use the `inflection` rule to match it exactly.
     """
     if isinstance(r, bool):
         raise ValueError(f"ToMe r must be an int, a list or a rule dict, got {r!r}")
@@ -131,17 +185,35 @@ def tome_schedule(r: int | Sequence[int] | dict, num_layers: int) -> list[int]:
         rule = r.get("rule")
         if rule == "constant" and set(r) == {"rule", "r"}:
             return tome_schedule(r["r"], num_layers)
-        if rule == "decreasing" and set(r) == {"rule", "start"} and isinstance(r["start"], int):
+        if rule == "decreasing" and set(r) == {"rule", "start"} and _is_int(r["start"]):
             start, last = r["start"], max(num_layers - 1, 1)
             out = [round(start * (last - i) / last) for i in range(num_layers)]
+        elif rule == "inflection" and set(r) == {"rule", "r", "inflection"} and _is_int(r["r"]):
+            out = _inflection_schedule(r["r"], r["inflection"], num_layers)
         else:
             raise ValueError(
-                f"ToMe r rule {r!r} is not one of {{'rule': 'constant', 'r': int}}, {{'rule': 'decreasing', 'start': int}}"
+                f"ToMe r rule {r!r} is not one of {{'rule': 'constant', 'r': int}}, "
+                "{'rule': 'decreasing', 'start': int}, {'rule': 'inflection', 'r': int, 'inflection': float}"
             )
     else:
         out = list(r)
         if len(out) != num_layers:
             raise ValueError(f"ToMe r schedule has {len(out)} entries but the model has {num_layers} layers")
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in out):
+    if not all(_is_int(v) and v >= 0 for v in out):
         raise ValueError(f"ToMe r values must be non-negative ints, got {out}")
     return out
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _inflection_schedule(r: int, inflection: object, num_layers: int) -> list[int]:
+    """The reference's `(r, inflection)` schedule, float for float, so the lists agree exactly."""
+    if isinstance(inflection, bool) or not isinstance(inflection, (int, float)) or not -1 <= inflection <= 1:
+        raise ValueError(f"ToMe r inflection must be a number in [-1, 1], got {inflection!r}")
+    if r < 0:
+        raise ValueError(f"ToMe r values must be non-negative ints, got {r}")
+    low = int(r * (1.0 - inflection))
+    step = (2 * r - 2 * low) / max(num_layers - 1, 1)
+    return [int(low + step * i) for i in range(num_layers)]

@@ -100,7 +100,8 @@ def _serve(handler_factory: Callable[[], object], jobs, replies, gate) -> None:
                 with gate:
                     getattr(handler, method)(*args)
             except BaseException as err:  # noqa: BLE001 - reported to the campaign
-                replies.put(("error", f"{type(err).__name__}: {err}", isinstance(err, UserError)))
+                user = isinstance(err, UserError)  # told as is: its message is the whole story
+                replies.put(("error", str(err) if user else f"{type(err).__name__}: {err}", user))
                 failed = True
 
 

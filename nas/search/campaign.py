@@ -16,7 +16,7 @@ reported, any unmeasured candidate on it is measured, until the whole front is m
 
 from __future__ import annotations
 
-import math
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from nas.errors import UserError
 from nas.pareto import pareto_front
+from nas.search.lock import campaign_lock
 from nas.search.mirror import RUN_ID, RunOutcome, StudyMirror
 from nas.search.samplers import make_sampler
 from nas.search.scoring import Score, Scorer, make_scorer
@@ -43,7 +44,8 @@ INTERRUPTED = "vitnas.interrupted"
 
 @dataclass(frozen=True)
 class CampaignConfig:
-    """Everything that defines a campaign; the same values resume it."""
+    """Everything that defines a campaign; the same values resume it (but ``eval_device``, which
+    changes where accuracy is computed, not what it is)."""
 
     name: str
     space: str
@@ -61,6 +63,8 @@ class CampaignConfig:
     data: str | None = None
     measure_budget_s: float = 2.0
     weights: str | None = None  # timm spaces: the model's weights (default: the space's weights:)
+    eval_device: str = "auto"  # where accuracy is computed: auto, cpu, cuda or cuda:N
+    val_subset: int | None = None  # accuracy on this many validation images (seeded, class-balanced)
 
     def resolved(self) -> CampaignConfig:
         """Defaults filled in: study, MLflow and latency cache on sqlite files in the workspace."""
@@ -84,7 +88,8 @@ def scorer_for(config: CampaignConfig, space: SearchSpace) -> Scorer:
     """The scorer a (resolved) campaign config asks for."""
     return make_scorer(space, target=config.target, workspace=config.workspace, cache_url=config.cache_url,
                        supernet=config.supernet, data=config.data, predictor=config.predictor,
-                       measure_budget_s=config.measure_budget_s, weights=config.weights)
+                       measure_budget_s=config.measure_budget_s, weights=config.weights,
+                       eval_device=config.eval_device, val_subset=config.val_subset)
 
 
 @dataclass
@@ -102,8 +107,22 @@ class CampaignResult:
 def run_campaign(
     config: CampaignConfig, space: SearchSpace, scorer: Scorer, progress: bool = True
 ) -> CampaignResult:
-    """Run (or resume) the campaign until ``config.trials`` trials have finished."""
+    """Run (or resume) the campaign until ``config.trials`` trials have finished.
+
+    The campaign's lock (``nas.search.lock``) is taken before any store is opened, let alone
+    created: a second process on the same campaign stops there, and the first goes on untouched.
+    """
     config = config.resolved()
+    with lock_for(config):
+        return _run_locked(config, space, scorer, progress)
+
+
+def lock_for(config: CampaignConfig):
+    """The lock of a (resolved) campaign: held by the one process that writes it (both backends)."""
+    return campaign_lock(config.name, config.storage, config.workspace)
+
+
+def _run_locked(config: CampaignConfig, space: SearchSpace, scorer: Scorer, progress: bool) -> CampaignResult:
     storage = open_storage(config.storage)
     study = _open_study(config, space, scorer, storage)
     tracker = Campaign(config.tracking_uri, config.name)
@@ -139,8 +158,8 @@ def run_campaign(
         tracker.end("KILLED")
         raise
     finally:
+        bar.close()  # an error is then told on a line of its own, not glued to the bar
         writer.close()
-    bar.close()
     result = _finalise(study, space, scorer, tracker, config)
     tracker.end("FINISHED")
     result.ran_now = ran
@@ -159,7 +178,20 @@ def _open_study(
         sampler=make_sampler(config.sampler, config.seed, config.trials),
         load_if_exists=True,
     )
-    identity = {"space": space.name, "target": scorer.target.key(), "space_hash": space.content_hash()}
+    # the objectives' names, in the order of ``directions`` and of the values told, for optuna-dashboard
+    # and trials_dataframe (not "Objective 0/1"); written once, a no-op on resume
+    if study.metric_names != ["val_accuracy", "latency_ms"]:
+        with warnings.catch_warnings():  # experimental since Optuna 3.2: it warns on every call
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(["val_accuracy", "latency_ms"])
+    # what the trials' values depend on: a study's trials all agree on it (a validation subset
+    # changes the accuracies; the eval device does not, so it may change on resume)
+    identity = {
+        "space": space.name,
+        "target": scorer.target.key(),
+        "space_hash": space.content_hash(),
+        "val_subset": config.val_subset,
+    }
     stored = {k: study.user_attrs.get(k) for k in identity}
     if all(v is None for v in stored.values()):
         for key, value in identity.items():
@@ -289,9 +321,9 @@ def _progress_note(study, budget: float | None) -> str:
     if not done:
         return ""
     front = pareto_front([t.values for t in done], ("max", "min"))
-    ok = [t for t in done if budget is None or t.values[1] <= budget]
-    best = max((t.values[0] for t in ok), default=math.nan)
-    return f"front={len(front)} best_acc{'<=' + format(budget, 'g') + 'ms' if budget else ''}={best:.3f}"
+    ok = [t.values[0] for t in done if budget is None or t.values[1] <= budget]
+    best = f"{max(ok):.3f}" if ok else "none yet"
+    return f"front={len(front)} best_acc{'<=' + format(budget, 'g') + 'ms' if budget else ''}={best}"
 
 
 # -- the end of a run ------------------------------------------------------------------------------
@@ -351,13 +383,19 @@ def _campaign_params(config: CampaignConfig, space: SearchSpace, scorer: Scorer)
         "supernet": config.supernet,
         "weights": config.weights,
         "predictor": config.predictor,
+        "val_subset": config.val_subset,
     }
 
 
 def _identity_tags(scorer: Scorer) -> dict[str, str]:
-    """What a latency and an accuracy were taken on: target, machine fingerprint, the weights
-    (supernet checkpoint, or a timm model's weights file)."""
-    tags = {"target": scorer.target.key(), "fingerprint": scorer.fingerprint.digest()}
+    """What a latency and an accuracy were taken on: target, machine fingerprint, the device accuracy
+    was computed on, the weights (supernet checkpoint, or a timm model's weights file). Tags, not
+    params: the eval device may change when a campaign is resumed."""
+    tags = {
+        "target": scorer.target.key(),
+        "fingerprint": scorer.fingerprint.digest(),
+        "eval_device": str(scorer.eval_device),
+    }
     if scorer.weights_hash:
         tags[scorer.weights_tag] = scorer.weights_hash
     return tags

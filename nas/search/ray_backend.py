@@ -4,7 +4,9 @@ The same campaign as the local backend (``nas.search.campaign``): one Optuna stu
 storage (same sampler, space, objectives and identity checks), one MLflow parent run, one child run
 per trial, the Pareto front tagged at the end. What changes is where a trial runs: each is a Ray
 Tune trial that asks for the target's threads and the target's Ray custom resource
-(``--target-resource hw_xeon=1``), so its latency is measured only on a node of the target's kind.
+(``--target-resource hw_xeon=1``), so its latency is measured only on a node of the target's kind,
+and ``--gpus-per-trial`` GPUs, on which it then computes accuracy (unless ``--eval-device`` says
+otherwise).
 
 - The driver holds the study (through ``OptunaSearch``) and the parent run; workers log their
   child runs to the tracking server themselves and report the metrics back.
@@ -20,6 +22,7 @@ Tune trial that asks for the target's threads and the target's Ray custom resour
 from __future__ import annotations
 
 import hashlib
+import math
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,6 +32,7 @@ from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from nas.errors import UserError
+from nas.hardware.target import Target
 from nas.search.campaign import (
     CampaignConfig,
     CampaignResult,
@@ -41,6 +45,7 @@ from nas.search.campaign import (
     _open_study,
     annotate,
     evaluate,
+    lock_for,
     log_outcome,
     scorer_for,
 )
@@ -70,6 +75,29 @@ class RayOptions:
     #: retries of a trial whose worker died; until Ray marks a lost node dead, a retry may be sent
     #: there and fail at once, so leave room
     max_failures: int = 5
+    gpus_per_trial: float = 0.0  # Ray's GPU resource for each trial (fractions share a GPU)
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.gpus_per_trial) or self.gpus_per_trial < 0:
+            raise UserError(
+                f"--gpus-per-trial {self.gpus_per_trial:g}: expected a number >= 0 "
+                "(e.g. 1, or 0.5 for two trials on one GPU)"
+            )
+
+
+def trial_resources(target: Target, options: RayOptions) -> dict[str, float]:
+    """What each Ray Tune trial asks for: the target's threads as CPUs, the target's custom
+    resource, and ``gpus_per_trial`` GPUs when there are any."""
+    gpus = {"GPU": options.gpus_per_trial} if options.gpus_per_trial else {}
+    return {"CPU": target.threads or 1, **options.target_resource, **gpus}
+
+
+def trial_config(config: CampaignConfig, options: RayOptions) -> CampaignConfig:
+    """The campaign as its trials run it: a trial given GPUs computes accuracy on its GPU, unless
+    ``--eval-device`` names a device (Ray makes a trial's GPUs its ``cuda:0``, ``cuda:1``, ...)."""
+    if options.gpus_per_trial and config.eval_device == "auto":
+        return replace(config, eval_device="cuda")
+    return config
 
 
 def parse_resource(text: str) -> dict[str, float]:
@@ -90,26 +118,37 @@ def parse_resource(text: str) -> dict[str, float]:
 def run_ray_campaign(
     config: CampaignConfig, space: SearchSpace, scorer: Scorer, options: RayOptions, progress: bool = True
 ) -> CampaignResult:
-    """Run (or resume) the campaign on Ray until ``config.trials`` trials have finished."""
-    import ray
-    from ray import tune
-
+    """Run (or resume) the campaign on Ray until ``config.trials`` trials have finished. The driver
+    holds the campaign's lock, as the local backend does (workers only log their own child runs)."""
     config = config.resolved()
     if config.predictor:
         raise UserError("--predictor works with the local backend only: on Ray every candidate is measured")
+    with lock_for(config):
+        return _run_ray_locked(config, space, scorer, options, progress)
+
+
+def _run_ray_locked(
+    config: CampaignConfig, space: SearchSpace, scorer: Scorer, options: RayOptions, progress: bool
+) -> CampaignResult:
+    import ray
+    from ray import tune
+
     study = _open_study(config, space, scorer, open_storage(config.storage))
     tracker = Campaign(config.tracking_uri, config.name)
+    trials = trial_config(config, options)
     tags = {
         **_campaign_tags(config, space, scorer),
         "backend": "ray",
         "target_resource": _resource_tag(options),
+        "gpus_per_trial": f"{options.gpus_per_trial:g}",
     }
+    if trials.eval_device != config.eval_device:  # the trials' GPUs, not this driver's device
+        tags["eval_device"] = trials.eval_device
     tracker.start_or_resume(params=_campaign_params(config, space, scorer), tags=tags)
     ray.init(address=options.address, ignore_reinit_error=True, log_to_driver=progress)
-    job = _Job(config, space, tracker.parent_run_id, _pack(config, space))
+    job = _Job(trials, space, tracker.parent_run_id, _pack(config, space))
     trainable = tune.with_resources(
-        tune.with_parameters(_trainable, job=job),
-        {"CPU": scorer.target.threads or 1, **options.target_resource},
+        tune.with_parameters(_trainable, job=job), trial_resources(scorer.target, options)
     )
     _tell_unreported(study, _logged_reports(study, tracker), config.latency_budget_ms)
     _fail_interrupted(study, tracker)  # trials a dead driver left: failed as interrupted, not counted

@@ -10,7 +10,15 @@ latency cache) and turns an architecture into a ``Score``. Two families:
 Latency is measured unless the campaign's policy says the prediction is enough (a candidate
 clearly over the budget or off the front); then the predictor's estimate stands in, and the
 score says so. Measurements go through the shared
-result cache, so an architecture is never measured twice on one machine and target.
+result cache, so an architecture is never measured twice on one machine and target, unless its
+cached latency was flagged noisy: that one is measured again (a later session may be quieter).
+A reference probe (``nas.hardware.measure.ReferenceProbe``, its baseline taken at the scorer's first
+measurement) is timed around every measurement; ``latency_noisy`` and ``latency_probe_ratio`` in
+the metrics say how far the number can be trusted.
+
+Accuracy is computed on the campaign's eval device (``--eval-device``): the supernet or base
+model is moved there once, each validation batch as it is used. Latency is still measured on the
+target, whatever the eval device.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from nas.evaluation import classification_accuracy
 from nas.hardware.cache import ResultCache
 from nas.hardware.fingerprint import Fingerprint
 from nas.hardware.flops import flops, params
-from nas.hardware.measure import MeasureResult, measure_safely
+from nas.hardware.measure import MeasureResult, ReferenceProbe, measure_safely
 from nas.hardware.target import Target
 from nas.ops import timm_patch
 
@@ -65,6 +73,10 @@ class Score:
         if self.measured is not None and self.measured.ok:
             lat = self.measured.latency
             out.update(latency_p90_ms=lat.p90_ms, latency_p10_ms=lat.p10_ms, latency_cv=lat.cv)
+            # 1.0: every attempt was noisy (nas.hardware.measure.noisy_reason); rank it with care
+            out.update(latency_noisy=float(lat.noisy), latency_attempts=float(lat.attempts))
+            if lat.probe_ratio is not None:
+                out["latency_probe_ratio"] = lat.probe_ratio
         if self.predicted_ms is not None:
             out["predicted_latency_ms"] = self.predicted_ms
         out.update({f"time_{k}_s": v for k, v in self.timings.items()})
@@ -77,6 +89,7 @@ class Scorer(ABC):
     data_spec: str | None = None  # the validation data's spec, for the campaign's record
     weights_hash: str | None = None  # the weights' file hash, for the campaign's record
     weights_tag = "weights_hash"  # the tag it is recorded under
+    probe: ReferenceProbe | None = None  # made at the first measurement: its baseline is the session's start
 
     def __init__(
         self,
@@ -86,11 +99,13 @@ class Scorer(ABC):
         cache: ResultCache,
         predictor=None,
         measure_budget_s: float = 2.0,
+        eval_device: torch.device | str = "cpu",
     ):
         self.val_data = val_data
         self.target, self.fingerprint, self.cache = target, fingerprint, cache
         self.predictor = predictor
         self.measure_budget_s = measure_budget_s
+        self.eval_device = torch.device(eval_device)  # where ``build`` puts a candidate to score it
         self._scores: dict[str, Score] = {}  # by arch hash: samplers propose the same candidate again
 
     @abstractmethod
@@ -104,18 +119,27 @@ class Scorer(ABC):
         return None if self.predictor is None else self.predictor.predict(arch)
 
     def cost(self, model: nn.Module, arch) -> tuple[float, float]:
-        """(GFLOPs, params in millions) at batch 1 and the target's resolution."""
-        x = torch.zeros(self.target.input_shape(self.image_size(arch))[1:]).unsqueeze(0)
+        """(GFLOPs, params in millions) at batch 1 and the target's resolution (on the eval device,
+        where ``model`` is: the counts do not depend on it)."""
+        x = torch.zeros((1, *self.target.input_shape(self.image_size(arch))[1:]), device=self.eval_device)
         return flops(model, x) / 1e9, params(model) / 1e6
 
     def cached_latency(self, arch) -> MeasureResult | None:
-        return self.cache.get(arch.arch_hash(), self.fingerprint, self.target)
+        """The cached result, unless it was flagged noisy: that one is measured again (and replaced)."""
+        cached = self.cache.get(arch.arch_hash(), self.fingerprint, self.target)
+        if cached is not None and cached.ok and cached.latency.noisy:
+            return None
+        return cached
 
     def measure(self, arch, model: nn.Module) -> MeasureResult:
+        """Measured with the scorer's reference probe around it, re-measured (bounded) when noisy."""
+        if self.probe is None:
+            self.probe = ReferenceProbe(self.target)
         shape = self.target.input_shape(self.image_size(arch))
         result = measure_safely(
-            model, self.target, input_shape=shape, time_budget_s=self.measure_budget_s, rel_precision=0.02
-        )
+            model, self.target, input_shape=shape, time_budget_s=self.measure_budget_s, rel_precision=0.02,
+            probe=self.probe,
+        )  # fmt: skip
         self.cache.put(arch.arch_hash(), self.fingerprint, self.target, result)
         return result
 
@@ -135,7 +159,7 @@ class Scorer(ABC):
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         model = self.build(arch)
-        accuracy = classification_accuracy(model, self.val_data)["accuracy"]
+        accuracy = classification_accuracy(model, self.val_data, device=self.eval_device)["accuracy"]
         t1 = time.perf_counter()
         gflops, params_m = self.cost(model, arch)
         t2 = time.perf_counter()
@@ -165,7 +189,7 @@ class SupernetScorer(Scorer):
 
     def __init__(self, supernet, **kwargs):
         super().__init__(**kwargs)
-        self.supernet = supernet
+        self.supernet = supernet.to(self.eval_device)  # subnets are extracted where the supernet is
 
     def build(self, arch: ArchConfig) -> nn.Module:
         return self.supernet.extract(arch).eval()
@@ -176,12 +200,24 @@ class TimmScorer(Scorer):
 
     def __init__(self, base_model: nn.Module, **kwargs):
         super().__init__(**kwargs)
-        self.base_model = base_model
+        self.base_model = base_model.to(self.eval_device)  # each candidate is a copy, made there
 
     def build(self, arch: TimmArch) -> nn.Module:
         model = copy.deepcopy(self.base_model).eval()
         timm_patch.apply(model, arch.schedule)
         return model
+
+
+def resolve_eval_device(spec: str, target: Target) -> torch.device:
+    """Where candidates' accuracy is computed: ``auto`` is the target's device (a CUDA target's GPU
+    is there and idle between measurements; a CPU target's machine may have no GPU), else as
+    ``resolve_device`` reads ``--eval-device``. ``UserError`` for a device this machine lacks."""
+    from nas.training.devices import resolve_device
+
+    if spec == "auto":
+        target.require_available()
+        return target.torch_device
+    return resolve_device(spec, flag="--eval-device")
 
 
 def make_scorer(
@@ -195,20 +231,25 @@ def make_scorer(
     predictor: str | None = None,
     measure_budget_s: float = 2.0,
     weights: str | None = None,
+    eval_device: str = "auto",
+    val_subset: int | None = None,
 ) -> Scorer:
     """The scorer a campaign over ``space`` needs: supernet weights (psvit) or a timm model with
-    ``weights`` (timm; default: the space's ``weights:``)."""
+    ``weights`` (timm; default: the space's ``weights:``). Accuracy is computed on ``eval_device``
+    (``resolve_eval_device``), on the validation split or its seeded class-balanced ``val_subset``."""
     from nas.data import load_splits
     from nas.hardware.cache import ResultCache, default_url
     from nas.hardware.fingerprint import fingerprint
     from nas.hardware.target import Target
 
     tgt = Target.parse(target)
+    device = resolve_eval_device(eval_device, tgt)
     shared = dict(
         target=tgt,
         fingerprint=fingerprint(tgt),
         cache=ResultCache(cache_url or default_url(workspace)),
         measure_budget_s=measure_budget_s,
+        eval_device=device,
     )
     if predictor:
         from nas.hardware.predictor import LatencyPredictor
@@ -218,7 +259,7 @@ def make_scorer(
         from nas.timm_base import timm_base_model, weights_file
         from nas.weights import file_hash
 
-        splits = load_splits(data or "digits", space.spec.image_size)
+        splits = load_splits(data or "digits", space.spec.image_size, val_subset=val_subset)
         scorer = TimmScorer(base_model=timm_base_model(space, weights), val_data=splits.val, **shared)
         scorer.data_spec = splits.spec.spec
         path = weights_file(space, weights)
@@ -235,7 +276,8 @@ def make_scorer(
     from nas.weights import file_hash
 
     net, meta = load_checkpoint(supernet, space)
-    splits = load_splits(data or meta["data"]["spec"], space.spec.image_size, seed=meta["data"].get("seed"))
+    spec, seed = data or meta["data"]["spec"], meta["data"].get("seed")
+    splits = load_splits(spec, space.spec.image_size, seed=seed, val_subset=val_subset)
     scorer = SupernetScorer(supernet=net.eval(), val_data=splits.val, **shared)
     scorer.data_spec = splits.spec.spec
     scorer.weights_hash = file_hash(resolve(supernet) / WEIGHTS)

@@ -7,10 +7,9 @@ import pickle
 
 import optuna
 from optuna.distributions import distribution_to_json
-from optuna.storages._rdb import models
-from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial, TrialState
 
+from nas.internals import optuna_rdb
 from nas.sqlite_tuning import tune_sqlite
 
 
@@ -39,10 +38,11 @@ def create_running_trial(storage: optuna.storages.RDBStorage, study_id: int, tem
     Optuna's own path queries the trial and the study's earlier parameters once per parameter
     (~17 ms for a psvit-digits trial's 25 parameters, ~3 ms here). The earlier parameters'
     distributions need no check: the template comes from a study that holds every stored trial.
-    Uses Optuna's table models (stable since Optuna 3); ``tests/search/test_mirror.py`` checks
-    the result against Optuna's own path.
+    Uses Optuna's table models (``nas.internals``; stable since Optuna 3); ``tests/search/test_mirror.py``
+    checks the result against Optuna's own path.
     """
-    with _create_scoped_session(storage.scoped_session) as session:
+    models, scoped_session = optuna_rdb()
+    with scoped_session(storage.scoped_session) as session:
         models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
         trial = models.TrialModel(
             study_id=study_id, number=None, state=TrialState.RUNNING, datetime_start=template.datetime_start

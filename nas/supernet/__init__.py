@@ -11,7 +11,8 @@ from nas.supernet.checkpoint import load_checkpoint
 from nas.supernet.evaluate import EvalResult, evaluate
 from nas.supernet.subnet import VitnasSubnet
 from nas.supernet.supernet import Supernet, extract, space_hash
-from nas.supernet.train import TrainConfig, TrainResult, train_supernet
+from nas.supernet.train import TrainResult, train_supernet
+from nas.training.config import TrainConfig
 
 __all__ = [
     "EvalResult",

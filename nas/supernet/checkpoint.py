@@ -9,23 +9,25 @@ A checkpoint folder (``WORKSPACE/supernet/<space-name>/``) holds
 
 Each epoch overwrites them: the two tensor files first, the sidecar last, each through a
 temporary file and an atomic rename. Nothing is ever unpickled (no ``torch.load``).
+
+Loading verifies the weights file against the sidecar's ``weights_hash`` and refuses NaN or
+infinite parameters: a corrupted checkpoint must not be searched, exported or resumed silently.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from nas.errors import UserError
+from nas.files import write_atomically
 from nas.space import SearchSpace, space_from_dict
 from nas.supernet.supernet import Supernet, space_hash
-from nas.weights import file_hash
+from nas.weights import check_finite, file_hash, read_metadata, read_tensors
 
 # /2: conv1d/avg pooling after an in-stage reduction reads the restored input positions (and
 # its conv kernel follows from them): /1 weights mean something else there
@@ -78,7 +80,8 @@ def load_checkpoint(
     path: str | Path, space: SearchSpace | None = None, device: str | torch.device = "cpu"
 ) -> tuple[Supernet, dict]:
     """The trained supernet and its sidecar. With ``space``, refuse a checkpoint of another space;
-    without, rebuild the space from the sidecar."""
+    without, rebuild the space from the sidecar. ``UserError`` for weights that do not match the
+    sidecar's ``weights_hash`` or hold NaN/inf."""
     folder = resolve(path)
     meta = read_meta(folder)
     if space is None:
@@ -89,7 +92,8 @@ def load_checkpoint(
     weights = folder / meta["files"]["weights"]
     _check_tensor_file(weights, meta)
     net = Supernet(space).to(device)
-    state = load_file(str(weights), device=str(device))
+    state = read_tensors(weights, device, expect_hash=meta.get("weights_hash"), recorded_in=folder / SIDECAR)
+    check_finite(weights, state, (name for name, _ in net.named_parameters()))
     try:
         net.load_state_dict(state)
     except RuntimeError as err:
@@ -108,8 +112,8 @@ def save_checkpoint(folder: Path, net: Supernet, optimizer: torch.optim.Optimize
         "space_hash": net.space_hash,
         "epoch": str(meta["epoch"]),
     }
-    _atomic(folder / WEIGHTS, lambda tmp: save_file(_cpu(net.state_dict()), tmp, metadata=tag))
-    _atomic(folder / OPTIMIZER, lambda tmp: save_file(optimizer_tensors(net, optimizer), tmp, metadata=tag))
+    write_atomically(folder / WEIGHTS, lambda tmp: save_file(_cpu(net.state_dict()), tmp, metadata=tag))
+    write_atomically(folder / OPTIMIZER, lambda tmp: save_file(optimizer_tensors(net, optimizer), tmp, metadata=tag))
     meta = {
         **meta,
         "format": FORMAT,
@@ -123,7 +127,7 @@ def save_checkpoint(folder: Path, net: Supernet, optimizer: torch.optim.Optimize
         "optimizer": {"param_groups": optimizer_groups(optimizer)},
         "weights_hash": file_hash(folder / WEIGHTS),
     }
-    _atomic(folder / SIDECAR, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    write_atomically(folder / SIDECAR, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
     return folder / WEIGHTS
 
 
@@ -148,7 +152,7 @@ def load_optimizer(folder: Path, net: nn.Module, optimizer: torch.optim.Optimize
     """Restore ``optimizer`` (built over ``net`` as at save time) from the checkpoint folder."""
     path = folder / meta["files"]["optimizer"]
     _check_tensor_file(path, meta)
-    tensors = load_file(str(path))
+    tensors = read_tensors(path)
     index = {n: i for i, (n, _) in enumerate(_ordered_params(net, optimizer))}
     state: dict[int, dict] = {}
     for key, value in tensors.items():
@@ -172,18 +176,11 @@ def _cpu(state: dict) -> dict:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    os.replace(tmp, path)
-
-
 def _check_tensor_file(path: Path, meta: dict) -> None:
     """The tensor file exists and belongs to the sidecar's space and epoch."""
     if not path.is_file():
         raise UserError(f"{path}: missing (the checkpoint's sidecar names it)")
-    with safe_open(str(path), "pt") as f:
-        tag = f.metadata() or {}
+    tag = read_metadata(path)
     if tag.get("space_hash") != meta["space"]["hash"] or tag.get("epoch") != str(meta["epoch"]):
         raise UserError(
             f"{path}: written for space hash {tag.get('space_hash')} epoch {tag.get('epoch')}, but the sidecar says "

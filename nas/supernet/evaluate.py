@@ -44,20 +44,20 @@ def evaluate(
     net, meta = (checkpoint, None) if isinstance(checkpoint, Supernet) else _load(*_identity(checkpoint))
     dataset = _dataset(data, split, net.space.spec.image_size, meta)
     with torch.inference_mode():
-        bound = _Bound(arch, blocks.ParamTree(net.sliced_state(arch)), net.head.weight.device)
-    result = classification_accuracy(bound, dataset, batch_size)
+        bound = _Bound(arch, blocks.ParamTree(net.sliced_state(arch)))
+    result = classification_accuracy(bound, dataset, batch_size, device=net.head.weight.device)
     return EvalResult(result["accuracy"], result["loss"], result["count"])
 
 
 class _Bound(nn.Module):
     """One arch's slices, taken once, as a model for ``classification_accuracy``."""
 
-    def __init__(self, arch: ArchConfig, params: blocks.ParamTree, device: torch.device):
+    def __init__(self, arch: ArchConfig, params: blocks.ParamTree):
         super().__init__()
-        self.arch, self.params, self.device = arch, params, device
+        self.arch, self.params = arch, params
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return blocks.forward_logits(self.arch, self.params, x.to(self.device)).cpu()
+        return blocks.forward_logits(self.arch, self.params, x)
 
 
 def _identity(checkpoint: str | Path) -> tuple[str, float]:

@@ -1,43 +1,46 @@
 """Supernet training: the sandwich rule with in-place distillation (BigNAS: Yu et al. 2020; OFA:
-Cai et al. 2020).
+Cai et al. 2020), run by the one training loop (``nas.training.loop``).
 
-Every step trains, on one batch, the largest subnet (cross-entropy with label smoothing), the
-smallest (by default with its kinds drawn anew each step: see ``TrainConfig.smallest_kinds``) and
-``random_subnets`` random ones (soft cross-entropy against the largest subnet's
-detached probabilities, plus ``subnet_label_weight`` times the hard-label cross-entropy), sums
-their gradients into the shared weights, clips and takes one AdamW step. The learning rate warms up linearly, then follows a cosine down to ``min_lr``.
+Every step trains, on each micro-batch, the largest subnet (cross-entropy with label smoothing),
+the smallest (by default with its kinds drawn anew each step: see ``TrainConfig.smallest_kinds``)
+and ``random_subnets`` random ones (soft cross-entropy against the largest subnet's detached
+probabilities, plus ``subnet_label_weight`` times the hard-label cross-entropy); their gradients
+sum in the shared weights before the loop's one reduction and AdamW step.
 
-Determinism: every random stream of an epoch (loader order, augmentation shifts, subnet draws) is
-seeded from ``(seed, epoch)`` alone, and checkpoints fall on epoch boundaries with the optimizer
-state, so ``resume`` after a kill continues exactly as an unbroken run of the same seed.
+Determinism: every random stream of an epoch (batch order, augmentation, subnet draws) is seeded
+from ``(seed, epoch)`` alone and every rank draws the same subnets, and checkpoints fall on epoch
+boundaries with the optimizer state. So ``resume`` after a kill continues exactly as an unbroken run
+with the same number of processes; with another number it continues the same optimisation (same
+global batch and order) up to floating-point summation order, not bit for bit.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import math
 import os
 import random
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
+from torch import nn
 
 from nas.arch import ArchConfig
-from nas.data import DataSpec, Splits, augment, load_splits, make_loader
+from nas.data import DataSpec, Splits, load_splits
 from nas.errors import UserError
 from nas.space import SearchSpace, _ExtremeChooser, load_space
 from nas.supernet import checkpoint as ckpt
 from nas.supernet.evaluate import evaluate
 from nas.supernet.supernet import Supernet, space_hash
+from nas.training import augment, distributed
+from nas.training.batches import Batches, MicroBatch
+from nas.training.config import TrainConfig
+from nas.training.distributed import World
+from nas.training.loop import Hooks, StepContext, classification_loss, fit
+from nas.training.optim import make_optimizer
+from nas.training.seeds import stream_seed
 
-SMALLEST_KINDS = ("fixed", "random")
 KIND_CHOICES = (".attention", ".pool", ".method")  # choices of a kind, not of a size
 
 
@@ -63,45 +66,34 @@ def sandwich_archs(space: SearchSpace, config: TrainConfig, draws: random.Random
     return [space.largest(), smallest] + [space.sample(draws) for _ in range(config.random_subnets)]
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Hyperparameters. The defaults train psvit-digits in about 9 minutes of one CPU core (about
-    6.5 s an epoch) to about 99% (largest) and 87-90% (the space's smallest) validation accuracy."""
+class SandwichStep:
+    """The supernet's step: the sandwich's subnets on every micro-batch, distilled from the largest."""
 
-    epochs: int = 80
-    batch_size: int = 64
-    lr: float = 1e-3
-    min_lr: float = 1e-5
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    grad_clip: float = 5.0
-    random_subnets: int = 2
-    # "random": the smallest subnet of each step keeps the smallest sizes but draws its kinds
-    # (attention, pooling, clustering method) at random; "fixed": the space's smallest every step.
-    # Fixed kinds train the smallest's pooling and attention paths every step and the others only
-    # in random draws, which biases inherited accuracy towards subnets that share those kinds.
-    smallest_kinds: str = "random"
-    # weight of the hard-label cross-entropy added to the other subnets' distillation loss (OFA
-    # uses both); it lifts the small subnets while the largest is still a poor teacher
-    subnet_label_weight: float = 1.0
-    shift: int = 2  # augmentation: random translation by up to this many pixels
-    seed: int = 0
+    def __init__(self, space: SearchSpace, config: TrainConfig):
+        self.space, self.config = space, config
+        self.draws = random.Random()
 
-    def __post_init__(self):
-        checks = [
-            ("epochs", self.epochs >= 1), ("batch_size", self.batch_size >= 1), ("lr", self.lr > 0),
-            ("min_lr", 0 <= self.min_lr <= self.lr), ("weight_decay", self.weight_decay >= 0),
-            ("warmup_epochs", self.warmup_epochs >= 0), ("label_smoothing", 0 <= self.label_smoothing < 1),
-            ("grad_clip", self.grad_clip > 0), ("random_subnets", self.random_subnets >= 0), ("shift", self.shift >= 0),
-            ("smallest_kinds", self.smallest_kinds in SMALLEST_KINDS),
-        ]  # fmt: skip
-        for name, ok in checks:
-            if not ok:
-                raise UserError(f"supernet training: {name} {getattr(self, name)} is out of range")
+    def start_epoch(self, epoch: int) -> None:
+        self.draws = random.Random(stream_seed(self.config.seed, epoch, "archs"))
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    def __call__(self, net: nn.Module, batches: list[MicroBatch], ctx: StepContext) -> float:
+        archs = sandwich_archs(self.space, self.config, self.draws)
+        losses = []
+        for x, target in batches:
+            with ctx.forward():
+                logits = net(x, archs[0])
+            loss = classification_loss(logits, target, self.config.label_smoothing)
+            ctx.backward(loss)
+            teacher = logits.detach().float().softmax(dim=-1)
+            for arch in archs[1:]:
+                with ctx.forward():
+                    student = net(x, arch)
+                loss_s = -(teacher * student.float().log_softmax(dim=-1)).sum(dim=-1).mean()
+                if self.config.subnet_label_weight:
+                    loss_s = loss_s + self.config.subnet_label_weight * classification_loss(student, target, 0.0)
+                ctx.backward(loss_s)
+            losses.append(loss.detach())
+        return torch.stack(losses).mean().item()
 
 
 @dataclass
@@ -126,203 +118,140 @@ class TrainResult:
         return self.history[-1]["val_acc_smallest"] if self.history else float("nan")
 
 
-# -- the step -------------------------------------------------------------------------------------
-def sandwich_step(
-    net: Supernet, x: torch.Tensor, y: torch.Tensor, archs: list[ArchConfig], config: TrainConfig
-) -> float:
-    """Backward of the largest (``archs[0]``, hard labels) and of the others distilled from it.
-
-    Gradients accumulate in the shared weights; returns the largest subnet's loss.
-    """
-    logits = net(x, archs[0])
-    loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
-    loss.backward()
-    teacher = logits.detach().softmax(dim=-1)
-    for arch in archs[1:]:
-        student = net(x, arch).log_softmax(dim=-1)
-        loss_s = -(teacher * student).sum(dim=-1).mean()
-        if config.subnet_label_weight:
-            loss_s = loss_s + config.subnet_label_weight * F.nll_loss(student, y)
-        loss_s.backward()
-    return loss.item()
-
-
-def lr_at(step: int, total: int, warmup: int, config: TrainConfig) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine from ``lr`` to ``min_lr``."""
-    if step < warmup:
-        return config.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def make_optimizer(net: Supernet, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases, norms, class token and position embedding."""
-    decay, no_decay = [], []
-    for name, p in net.named_parameters():
-        (no_decay if p.ndim <= 1 or name in ("cls_token", "pos_embed") else decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=config.lr)
-
-
-def epoch_batches(data, config: TrainConfig, epoch: int, steps: int, warmup: int, optimizer):
-    """One epoch of shuffled, augmented batches, each yielded after its step's learning rate is set.
-
-    Order and augmentation are seeded from (seed, epoch) alone, so a resumed run sees the same batches.
-    """
-    loader = make_loader(
-        data,
-        config.batch_size,
-        True,
-        stream_seed(config.seed, epoch, "order"),
-        drop_last=len(data) >= config.batch_size,
-    )
-    shifts = torch.Generator().manual_seed(stream_seed(config.seed, epoch, "augment"))
-    for i, (x, y) in enumerate(loader):
-        lr = lr_at(epoch * steps + i, config.epochs * steps, warmup, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        yield lr, augment(x, shifts, config.shift), y
-
-
-def stream_seed(seed: int, epoch: int, stream: str) -> int:
-    """A seed for one random stream of one epoch, from the run seed only (resume-safe)."""
-    return int.from_bytes(hashlib.blake2b(f"{seed}:{epoch}:{stream}".encode(), digest_size=7).digest(), "big")
-
-
 # -- the run --------------------------------------------------------------------------------------
 def train_supernet(
     space: SearchSpace | str,
     data: str | DataSpec | Splits,
     workspace: str | Path,
-    config: TrainConfig = TrainConfig(),
+    config: TrainConfig | None = None,
     *,
+    device: str = "auto",
     resume: bool = False,
     force: bool = False,
     tracking_uri: str | None = None,
     progress: bool = True,
     stop_after: int | None = None,
     log: Callable[[str], None] = print,
+    on_epoch: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train (or with ``resume`` continue) the supernet of ``space``; checkpoint after every epoch.
 
-    The checkpoint goes to ``WORKSPACE/supernet/<space-name>/``. ``stop_after`` ends this call after
-    that many epochs in all (as if killed there; ``resume`` continues). With ``tracking_uri`` the
-    run is logged to MLflow (params, per-epoch curves, the checkpoint path).
+    Runs in this process, or as one of the processes of ``torchrun`` or Ray Train (found from the
+    environment). The checkpoint goes to ``WORKSPACE/supernet/<space-name>/``. ``stop_after`` ends
+    this call after that many epochs in all (as if killed there; ``resume`` continues). With
+    ``tracking_uri`` rank 0 logs the run to MLflow (params, per-epoch curves, the checkpoint path).
+    A process group torchrun restarted after a failure resumes from the last checkpoint by itself.
+    ``on_epoch(n)`` runs on every process once epoch n's checkpoint is written (Ray Train reports
+    there: its ``report`` is a barrier every process must join).
     """
     space = load_space(space) if isinstance(space, str) else space
+    config = config or TrainConfig()
+    folder = ckpt.checkpoint_dir(workspace, space)
+    resume = resume or (distributed.restarted() and (folder / ckpt.SIDECAR).is_file())
+    check_run(space, config, folder, resume, force)
+    splits = data if isinstance(data, Splits) else load_splits(data, space.spec.image_size, aug=config.aug)
+    _check_data(space, splits)
+    world = distributed.start(device, config.precision)
+    try:
+        return _train(
+            space, splits, folder, config, world, resume, tracking_uri, progress, stop_after, log, on_epoch
+        )
+    finally:
+        world.close()
+
+
+def check_run(space: SearchSpace, config: TrainConfig, folder: Path, resume: bool, force: bool) -> None:
+    """What ``train_supernet`` refuses before anything runs (a Ray Train driver checks it too): a
+    space of another family, ``--compile``, and a checkpoint in ``folder`` without --resume or --force."""
     if space.family != "psvit":
         raise UserError(f"space {space.name!r} is family {space.family}: a supernet needs a psvit space")
-    splits = data if isinstance(data, Splits) else load_splits(data, space.spec.image_size)
-    _check_data(space, splits)
-    folder = ckpt.checkpoint_dir(workspace, space)
-    torch.manual_seed(config.seed)
-    net = Supernet(space)
-    optimizer = make_optimizer(net, config)
-    start, history = 0, []
-    if resume:
-        start, history = _restore(folder, net, optimizer, splits.spec, config, log)
-    elif (folder / ckpt.SIDECAR).is_file() and not force:
+    if config.compile:
+        raise UserError(
+            "--compile: the supernet runs different subnets every step, which torch.compile would recompile "
+            "each time; compile plain models (vitnas train, vitnas finetune)"
+        )
+    if not resume and (folder / ckpt.SIDECAR).is_file() and not force:
         meta = ckpt.read_meta(folder)
         raise UserError(
             f"{folder}: a checkpoint is there already (epoch {meta['epoch']}/{meta['config']['epochs']}); "
             "pass --resume to continue it or --force to start over"
         )
+
+
+def _train(
+    space, splits, folder, config, world, resume, tracking_uri, progress, stop_after, log, on_epoch
+) -> TrainResult:
+    torch.manual_seed(config.seed)
+    net = Supernet(space).to(world.device)
+    batches = Batches(splits.train, config, world, splits.num_classes)
+    optimizer = make_optimizer(net, config)
+    start, history = 0, []
+    if resume:
+        start, history = _restore(folder, net, optimizer, splits.spec, config, world, log)
+    world.broadcast_parameters(net)
     end = config.epochs if stop_after is None else min(config.epochs, stop_after)
     if start >= end:
         log(f"checkpoint {folder / ckpt.WEIGHTS} is at epoch {start}/{config.epochs}: nothing to do")
         return TrainResult(folder / ckpt.WEIGHTS, start, history, 0.0)
-    run = _Tracking(tracking_uri, space, splits.spec, config, folder, start)
-    with run:
-        result = _fit(net, optimizer, space, splits, folder, config, start, end, history, run, progress, log)
-    result.run_id = run.run_id
-    return result
-
-
-def _fit(
-    net, optimizer, space, splits, folder, config, start, end, history, run, progress, log
-) -> TrainResult:
+    if world.main:
+        log(_batch_line(config, world, batches) + (f"; resuming at epoch {start}" if resume else ""))
     largest, smallest = space.largest(), space.smallest()
-    steps = _steps_per_epoch(len(splits.train), config.batch_size)
-    warmup = round(config.warmup_epochs * steps)
     t0 = time.perf_counter()
-    bar = tqdm(
-        total=config.epochs * steps,
-        initial=start * steps,
-        unit="step",
-        desc=f"supernet {space.name}",
-        disable=not progress,
-        dynamic_ncols=True,
-        file=sys.stderr,
+
+    def save(history: list[dict]) -> None:
+        epoch = history[-1]["epoch"]
+        meta = {
+            "epoch": epoch, "config": config.to_dict(), "data": splits.spec.to_dict(), "history": history,
+            "complete": epoch == config.epochs, "augmentation": augment.describe(config.aug),
+            "runtime": {**world.describe(), "precision": config.precision, "global_batch": config.batch_size},
+        }  # fmt: skip
+        ckpt.save_checkpoint(folder, net, optimizer, meta)
+        run.epoch(history[-1])
+
+    hooks = Hooks(
+        validate=lambda model: _validate(model, splits, largest, smallest),
+        save=save,
+        after_epoch=on_epoch or (lambda _epoch: None),
+        log=log,
+        report=lambda r: (
+            f"epoch {r['epoch']}/{config.epochs}: loss {r['train_loss']:.4f}  val acc largest "
+            f"{r['val_acc_largest']:.4f} smallest {r['val_acc_smallest']:.4f}  ({r['seconds']:.1f} s)"
+        ),
     )
-    try:
-        for epoch in range(start, end):
-            net.train()
-            draws = random.Random(stream_seed(config.seed, epoch, "archs"))
-            losses, t_epoch, seen = [], time.perf_counter(), 0
-            for lr, x, y in epoch_batches(splits.train, config, epoch, steps, warmup, optimizer):
-                archs = sandwich_archs(space, config, draws)
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(sandwich_step(net, x, y, archs, config))
-                torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
-                optimizer.step()
-                seen += len(y)
-                bar.update()
-                bar.set_postfix(
-                    epoch=f"{epoch + 1}/{config.epochs}",
-                    loss=f"{losses[-1]:.3f}",
-                    lr=f"{lr:.2e}",
-                    img_s=f"{seen / (time.perf_counter() - t_epoch):.0f}",
-                )
-            history.append(
-                _epoch_record(
-                    net, splits, largest, smallest, epoch, losses, lr, time.perf_counter() - t_epoch
-                )
-            )
-            meta = {
-                "epoch": epoch + 1,
-                "config": config.to_dict(),
-                "data": splits.spec.to_dict(),
-                "history": history,
-                "complete": epoch + 1 == config.epochs,
-            }
-            path = ckpt.save_checkpoint(folder, net, optimizer, meta)
-            run.epoch(history[-1])
-            rec = history[-1]
-            (bar.write if progress else log)(
-                f"epoch {epoch + 1}/{config.epochs}: loss {rec['train_loss']:.4f}  val acc largest "
-                f"{rec['val_acc_largest']:.4f} smallest {rec['val_acc_smallest']:.4f}  ({rec['seconds']:.1f} s)"
-            )
-    finally:
-        bar.close()
-    run.finish(path)
+    uri = (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")) if world.main else None
+    run = _Tracking(uri, space, splits.spec, config, folder, start, world)
+    with run:
+        history = fit(
+            net, optimizer, SandwichStep(space, config), batches, config, world, hooks,
+            start=start, end=end, history=history, desc=f"supernet {space.name}", progress=progress,
+        )  # fmt: skip
+        path = folder / ckpt.WEIGHTS
+        run.finish(path)
     wall = time.perf_counter() - t0
-    log(
-        f"checkpoint: {path}\nepoch {end}/{config.epochs}: val accuracy largest {history[-1]['val_acc_largest']:.4f}, "
-        f"smallest {history[-1]['val_acc_smallest']:.4f} ({wall:.0f} s)"
+    if world.main:
+        log(
+            f"checkpoint: {path}\nepoch {end}/{config.epochs}: val accuracy largest "
+            f"{history[-1]['val_acc_largest']:.4f}, smallest {history[-1]['val_acc_smallest']:.4f} ({wall:.0f} s)"
+        )
+    return TrainResult(path, end, history, wall, run.run_id)
+
+
+def _batch_line(config: TrainConfig, world: World, batches: Batches) -> str:
+    return (
+        f"global batch {config.batch_size} = {batches.micro} per micro-batch x {world.size} process(es) x "
+        f"{config.accum_steps} accumulation step(s); {batches.steps_per_epoch} steps an epoch on {world.device}, "
+        f"{config.precision}"
     )
-    return TrainResult(path, end, history, wall)
 
 
-def _epoch_record(net, splits, largest, smallest, epoch, losses, lr, seconds) -> dict:
-    net.eval()
+def _validate(net: Supernet, splits: Splits, largest: ArchConfig, smallest: ArchConfig) -> dict:
     big, small = evaluate(net, largest, splits.val), evaluate(net, smallest, splits.val)
     return {
-        "epoch": epoch + 1,
-        "train_loss": sum(losses) / max(1, len(losses)),
-        "lr": lr,
         "val_acc_largest": big.accuracy,
         "val_loss_largest": big.loss,
         "val_acc_smallest": small.accuracy,
         "val_loss_smallest": small.loss,
-        "seconds": seconds,
     }
-
-
-def _steps_per_epoch(n: int, batch_size: int) -> int:
-    return n // batch_size if n >= batch_size else 1
 
 
 def _check_data(space: SearchSpace, splits: Splits) -> None:
@@ -336,10 +265,10 @@ def _check_data(space: SearchSpace, splits: Splits) -> None:
 
 
 def _restore(
-    folder: Path, net: Supernet, optimizer, data: DataSpec, config: TrainConfig, log
+    folder: Path, net: Supernet, optimizer, data: DataSpec, config: TrainConfig, world: World, log
 ) -> tuple[int, list[dict]]:
     """Weights, optimizer state, epoch and history of the checkpoint in ``folder``, after checking
-    that it is the same space, data and settings (epochs may grow)."""
+    that it is the same space, data and settings (epochs, precision and accumulation may change)."""
     meta = ckpt.read_meta(folder)
     ckpt.check_space(meta, net.space, folder)
     if meta["data"] != data.to_dict():
@@ -347,16 +276,21 @@ def _restore(
             f"{folder}: checkpoint was trained on data {meta['data']['spec']} (split seed "
             f"{meta['data']['seed']}), not {data.spec} (split seed {data.seed})"
         )
-    saved = {k: v for k, v in meta["config"].items() if k != "epochs"}
-    changed = [f"{k} {saved[k]} -> {v}" for k, v in config.to_dict().items() if k in saved and saved[k] != v]
+    changed = config.changes_on_resume(meta["config"])
     if changed:
         raise UserError(
             f"{folder}: resume continues with the checkpoint's settings; these differ: {', '.join(changed)}"
         )
-    if meta["config"]["epochs"] != config.epochs:
+    if meta["config"]["epochs"] != config.epochs and world.main:
         log(
             f"{folder}: the checkpoint planned {meta['config']['epochs']} epochs, continuing to {config.epochs} "
             "(the learning-rate schedule stretches from here on)"
+        )
+    before = meta.get("runtime", {}).get("world_size", 1)
+    if before != world.size and world.main:
+        log(
+            f"{folder}: trained so far by {before} process(es), continuing with {world.size}: the same global "
+            "batch and order, equal up to floating-point summation order (not bit-exact)"
         )
     loaded, _ = ckpt.load_checkpoint(folder, net.space)
     net.load_state_dict(loaded.state_dict())
@@ -367,16 +301,8 @@ def _restore(
 class _Tracking:
     """The run's MLflow record (``nas.tracking.training_run``), or nothing without a tracking URI."""
 
-    def __init__(
-        self,
-        uri: str | None,
-        space: SearchSpace,
-        data: DataSpec,
-        config: TrainConfig,
-        folder: Path,
-        start: int,
-    ):
-        self.uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    def __init__(self, uri, space: SearchSpace, data: DataSpec, config: TrainConfig, folder: Path, start, world):
+        self.uri = uri
         self.run_id, self._ctx, self._run = None, None, None
         if self.uri:
             from nas.tracking import training_run
@@ -388,6 +314,7 @@ class _Tracking:
                 "data": data.spec,
                 "data_seed": data.seed,
                 **config.to_dict(),
+                **world.describe(),
                 "sandwich": f"largest+smallest+{config.random_subnets} random",
                 "checkpoint": str((folder / ckpt.WEIGHTS).resolve()),
             }

@@ -7,11 +7,15 @@ import gzip
 import importlib.resources
 import json
 import shlex
+import socket
 import sqlite3
+import struct
+import threading
+import time
 import urllib.error
 import urllib.request
 from html.parser import HTMLParser
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import pytest
 from nas.dashboards.data import TTLCache, collector_paused, open_client
@@ -20,7 +24,7 @@ from sqlalchemy.engine import make_url
 from nas.cli import build_parser
 from nas.errors import UserError
 from nas.pareto import best_under_budget
-from nas.tracking import run_url
+from nas.tracking import CAMPAIGN, run_url
 
 
 def fetch(url: str, method: str = "GET", headers: dict | None = None) -> tuple[int, dict, bytes]:
@@ -176,7 +180,8 @@ def test_reading_writes_nothing(app_url, truth, store_uri):
 @pytest.mark.parametrize(
     ("path", "status"),
     [("/api/campaigns/0/no-such-campaign/trials", 404), ("/api/trials/" + "0" * 32, 404), ("/nothing", 404),
-     ("/api/compare?c=0/one", 400), ("/api/campaigns?budgets=fast", 400), ("/api/trials/..%2F..", 404)],
+     ("/api/compare?c=0/one", 400), ("/api/campaigns?budgets=fast", 400), ("/api/trials/..%2F..", 404),
+     ("/campaigns/0/no-such-campaign", 404), ("/campaigns/1/nope", 404)],
 )  # fmt: skip
 def test_bad_requests_get_a_json_error(app_url, path, status):
     assert "error" in get_json(app_url + path, status)
@@ -219,3 +224,76 @@ def test_collection_resumes_when_the_last_load_ends():
 def test_cli_binds_this_machine_by_default():
     args = build_parser().parse_args(["dashboard", "--tracking-uri", "sqlite:///x.db"])
     assert (args.host, args.port, args.tracking_uri) == ("127.0.0.1", 8765, "sqlite:///x.db")
+
+
+# -- hostile names and requests (issue 13, item 10) -----------------------------------------------
+#: Campaign names a store may hold though ``Campaign`` refuses them now (an older vitnas, another
+#: tool): each is pasted into an MLflow filter. The last two match one LIKE pattern (``both _ and _``).
+ODD_NAMES = {"it's": 2, 'say "hi"': 3, "100%_ \\done": 1, "both ' and \"": 2, "both x and y": 3}
+
+
+def test_campaign_names_with_quotes_are_listed_and_read(sqlite_tracking_uri, fill, app_for):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(sqlite_tracking_uri)
+    for i, (name, trials) in enumerate(ODD_NAMES.items()):
+        campaign = fill(sqlite_tracking_uri, f"odd-{i}", "cpu", 2.0, (60.0, 0.1), range(trials), failed=False)
+        for run in client.search_runs([campaign.experiment_id], f"tags.`{CAMPAIGN}` = 'odd-{i}'"):
+            client.set_tag(run.info.run_id, CAMPAIGN, name)
+    with app_for(sqlite_tracking_uri) as url:
+        listed = get_json(f"{url}/api/campaigns")["campaigns"]
+        assert {c["name"]: c["trials"] for c in listed} == ODD_NAMES
+        for c in listed:
+            path = f"campaigns/{c['experiment_id']}/{quote(c['name'], safe='')}"
+            assert len(get_json(f"{url}/api/{path}/trials")["points"]) == ODD_NAMES[c["name"]], c["name"]
+            assert fetch(f"{url}/{path}")[0] == 200, c["name"]
+
+
+def raw_request(app_url: str, request: bytes) -> tuple[bytes, bytes]:
+    """Send bytes as they are (urllib cannot send ``OPTIONS *``); the response's head and body."""
+    split = urlsplit(app_url)
+    with socket.create_connection((split.hostname, split.port), timeout=60) as sock:
+        sock.sendall(request)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    return head, body
+
+
+@pytest.mark.parametrize("target", [b"*", b"?x", b"127.0.0.1:80"])
+@pytest.mark.parametrize("method", [b"OPTIONS", b"GET"])
+def test_a_request_target_that_is_no_path_is_a_bad_request(app_url, method, target, capfd):
+    head, body = raw_request(app_url, method + b" " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    assert "request-target" in json.loads(body)["error"]
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_an_absolute_url_is_served_as_its_path(app_url):
+    def get(target: str) -> bytes:
+        request = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        return raw_request(app_url, request.encode())[0]
+
+    port = urlsplit(app_url).port
+    for target in (f"http://127.0.0.1:{port}/api/campaigns", f"http://127.0.0.1:{port}"):
+        assert get(target).startswith(b"HTTP/1.1 200 "), target
+    assert get("http://attacker.example/api/campaigns").startswith(b"HTTP/1.1 403 ")  # its authority counts
+
+
+def test_a_client_that_resets_mid_response_prints_no_traceback(app_url, capfd):
+    def handlers() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if "process_request_thread" in t.name}
+
+    before = handlers()
+    split = urlsplit(app_url)
+    with socket.create_connection((split.hostname, split.port), timeout=60) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close() resets
+        sock.sendall(b"GET /static/plotly.min.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # megabytes
+        assert sock.recv(12).startswith(b"HTTP/1.1 200")
+    deadline = time.monotonic() + 60
+    while handlers() - before and time.monotonic() < deadline:  # the handler meets the reset and ends
+        time.sleep(0.05)
+    assert not handlers() - before
+    assert fetch(f"{app_url}/api/campaigns")[0] == 200
+    assert "Traceback" not in capfd.readouterr().err

@@ -77,6 +77,12 @@ def test_campaign_page_in_chromium(browser, cli_app_url, truth, store_uri, targe
     assert len(browser.find_elements(By.CSS_SELECTOR, "#plot .scatterlayer .trace:nth-of-type(1) path.point")) == len(runs)
     front = trace(browser, "plot", FRONT)
     assert set(front["ids"]) == truth.tagged(name, "pareto") and front["x"] == sorted(front["x"])
+    # the colour bar spans the trials' GFLOPs
+    flops = [r.data.metrics["gflops"] for r in runs.values()]
+    scale = browser.execute_script(
+        "const m = document.getElementById('plot').data[0].marker; return [m.cmin, m.cmax];"
+    )
+    assert scale == [min(flops), max(flops)] and browser.find_elements(By.CSS_SELECTOR, "#plot .colorbar")
 
     # the slider starts at the campaign's budget, on the trial the campaign tagged best under it
     assert trace(browser, "plot", BEST)["ids"] == list(truth.tagged(name, "best_under_budget"))
@@ -106,7 +112,10 @@ def test_campaign_page_in_chromium(browser, cli_app_url, truth, store_uri, targe
     run_id = panel.get_attribute("data-run-id")
     run = runs[run_id]
     assert run_id in truth.tagged(name, "pareto")
-    assert browser.find_element(By.ID, "trial-name").text == run.info.run_name
+    number = run.data.tags["trial_number"]
+    assert run.info.run_name == f"trial-{number}"  # the name vitnas gives a trial's run: not repeated
+    assert browser.find_element(By.ID, "trial-title").text == f"trial {number}"
+    assert not browser.find_elements(By.ID, "trial-name")
     shown = {r.get_attribute("data-metric"): r.find_element(By.TAG_NAME, "td").text
              for r in browser.find_elements(By.CSS_SELECTOR, "#trial-metrics tr")}  # fmt: skip
     assert shown == {k: f"{v:.4f}" for k, v in run.data.metrics.items()}
@@ -165,6 +174,7 @@ def test_markup_in_names_is_shown_as_text(browser, xss_app_url, xss_store_uri, m
     WebDriverWait(browser, 10).until(lambda d: XSS_RUN in d.find_element(By.CSS_SELECTOR, "#plot .hoverlayer").text)
     click_point(browser, "plot", TRIALS, 0)
     assert browser.find_element(By.ID, "trial-name").text == XSS_RUN
+    assert browser.find_element(By.ID, "trial-title").text == f"trial 0 · {XSS_RUN}"  # a name of its own
     browser.save_screenshot(str(tmp_path / "markup.png"))
 
     open_page(browser, f"{xss_app_url}/compare?c={quote(f'{experiment}/{XSS}', safe='')}&c={experiment}/plain")
@@ -172,4 +182,18 @@ def test_markup_in_names_is_shown_as_text(browser, xss_app_url, xss_store_uri, m
     legend = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#fronts .legendtext")]
     assert sum(XSS in text for text in legend) == 2, legend  # its trials and its front
     assert browser.execute_script("return typeof window.__xss") == "undefined"
+    assert page_problems(browser, xss_app_url) == []
+
+
+def test_no_colour_bar_without_gflops(browser, xss_app_url, xss_store_uri):
+    """Trials without a ``gflops`` metric: one colour and no colour bar (it ran from -0.4 to 0.4)."""
+    from nas.tracking import Campaign
+
+    experiment = Campaign(xss_store_uri, "plain").experiment_id
+    browser.get_log("browser")
+    open_page(browser, f"{xss_app_url}/campaigns/{experiment}/plain")
+    points = browser.find_elements(By.CSS_SELECTOR, "#plot .scatterlayer .trace:nth-of-type(1) path.point")
+    assert len(points) == 6
+    assert browser.execute_script("return document.getElementById('plot').data[0].marker.showscale") is False
+    assert not browser.find_elements(By.CSS_SELECTOR, "#plot .colorbar")
     assert page_problems(browser, xss_app_url) == []

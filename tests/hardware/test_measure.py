@@ -1,7 +1,10 @@
 """Latency measurement on real (tiny) models: statistics, protocol, state restored, failures recorded."""
 
+import dataclasses
 import functools
+import importlib
 import math
+import random
 import time
 
 import pytest
@@ -10,15 +13,22 @@ from torch import nn
 
 from nas.errors import UserError
 from nas.hardware.measure import (
+    MAX_REMEASURES,
     MIN_REPEATS,
+    NOISY_SPREAD,
+    PROBE_TOLERANCE,
     MeasureResult,
+    ReferenceProbe,
     measure,
     measure_in_subprocess,
     measure_safely,
     median_ci_rel,
+    noisy_reason,
     settled,
 )
 from nas.hardware.target import Target
+
+measure_module = importlib.import_module("nas.hardware.measure")  # the package re-exports ``measure``
 
 TARGET = Target.parse("cpu:threads=1,batch=2,resolution=16")
 
@@ -216,3 +226,198 @@ def test_measure_in_subprocess_kills_a_hung_forward():
 def test_measure_in_subprocess_raises_a_user_error_in_the_parent():
     with pytest.raises(UserError, match="resolution"):
         measure_in_subprocess(functools.partial(nn.Linear, 16, 4), Target.parse("cpu:threads=1"))
+
+
+# -- noisy measurements, re-measurement and the reference probe ----------------------------------
+class Jittery(nn.Module):
+    """Sleeps 2-10 ms in a random half of its forward passes (seeded): timings no median can be trusted."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.rng = random.Random(seed)
+
+    def forward(self, x):
+        if self.rng.random() < 0.5:
+            time.sleep(self.rng.uniform(0.002, 0.010))
+        return x
+
+
+class ScriptedProbe:
+    """Stands in for ``ReferenceProbe``: returns the given ratios in turn (the last from then on)."""
+
+    def __init__(self, *ratios: float):
+        self.ratios, self.calls = ratios, 0
+
+    def ratio(self) -> float:
+        self.calls += 1
+        return self.ratios[min(self.calls - 1, len(self.ratios) - 1)]
+
+
+@pytest.fixture
+def steady_clock(monkeypatch):
+    """Every forward pass 'takes' 1 ms +- 1 % (seeded): timing that repeats, whatever the machine's load."""
+    rng = random.Random(0)
+
+    def fake_time(forward):
+        forward()
+        return 1.0 + rng.uniform(-0.01, 0.01)
+
+    monkeypatch.setattr(measure_module, "_time_cpu", fake_time)
+
+
+@pytest.mark.parametrize("remeasure", [0, 1, MAX_REMEASURES])
+def test_a_noisy_measurement_is_remeasured_a_bounded_number_of_times_and_flagged(remeasure):
+    latency = measure(Jittery(), TARGET, time_budget_s=0.15, remeasure=remeasure)
+    assert latency.attempts == 1 + remeasure
+    assert latency.noisy
+    assert latency.noisy_reason.startswith("spread")
+    assert latency.spread > NOISY_SPREAD
+
+
+def test_a_steady_measurement_is_not_flagged(steady_clock):
+    latency = measure(tiny_cnn(), TARGET, time_budget_s=0.2)
+    assert (latency.noisy, latency.noisy_reason, latency.attempts) == (False, None, 1)
+    assert latency.probe_ratio is None  # no probe asked for
+
+
+def test_a_noisy_attempt_then_a_clean_one_keeps_the_clean_one(monkeypatch):
+    attempts = iter([[1.0] * 5 + [3.0] * 5, [1.0] * 10])  # two modes, then repeatable
+
+    def scripted_repeat(forward, timer, budget_s, rel_precision):
+        return next(attempts)
+
+    monkeypatch.setattr(measure_module, "_repeat", scripted_repeat)
+    latency = measure(tiny_cnn(), TARGET, time_budget_s=0.2)
+    assert (latency.noisy, latency.attempts, latency.median_ms) == (False, 2, 1.0)
+
+
+def test_noisy_reason_reads_spread_confidence_and_probe():
+    def latency(samples):
+        return measure_module._latency(sorted(samples), warmup=0, backend="eager")
+
+    steady = latency([1.0, 1.01, 0.99] * 10)
+    assert noisy_reason(steady) is None
+    assert noisy_reason(steady, probe_ratio=1 + PROBE_TOLERANCE / 2) is None
+    assert noisy_reason(steady, probe_ratio=1.5).startswith("machine changed")
+    assert noisy_reason(latency([1.0] * 30 + [400.0] * 5)).startswith("spread")  # a p90 far above the median
+    assert noisy_reason(latency([1.0] * 5 + [1.2] * 5)).startswith("median known")  # 10 samples, 2 modes
+    # one preempted pass among many: a huge CV, but the median stands
+    one_outlier = latency([1.0] * 99 + [50.0])
+    assert one_outlier.cv > 1 and noisy_reason(one_outlier) is None
+
+
+def test_a_probe_that_moved_makes_the_candidate_remeasured_inside_its_window(steady_clock):
+    probe = ScriptedProbe(1.0, 1.6, 1.03, 0.99)  # the machine changed during the first attempt only
+    latency = measure(tiny_cnn(), TARGET, time_budget_s=0.2, probe=probe)
+    assert (latency.noisy, latency.attempts, probe.calls) == (False, 2, 4)
+    assert latency.probe_ratio == 1.03  # the kept attempt's window, farthest from 1
+
+
+def test_a_probe_that_stays_off_is_flagged_after_the_bounded_retries(steady_clock):
+    probe = ScriptedProbe(1.5)
+    latency = measure(tiny_cnn(), TARGET, time_budget_s=0.2, probe=probe)
+    assert latency.noisy and latency.noisy_reason.startswith("machine changed")
+    assert (latency.attempts, probe.calls, latency.probe_ratio) == (
+        1 + MAX_REMEASURES,
+        2 + 2 * MAX_REMEASURES,
+        1.5,
+    )
+
+
+def test_the_reference_probe_ratio_is_recorded_with_the_measurement():
+    probe = ReferenceProbe(TARGET)
+    latency = measure(tiny_cnn(), TARGET, time_budget_s=0.2, probe=probe)
+    assert probe.baseline_ms > 0
+    assert probe.checks == 2 * latency.attempts  # before and after every attempt
+    assert latency.probe_ratio > 0
+    assert probe.target.backend == "eager"
+    first = [p.detach().clone() for p in probe.model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(first, ReferenceProbe(TARGET).model.parameters()))  # fixed
+
+
+def test_cache_records_from_before_the_noise_fields_still_load():
+    old = MeasureResult(ok=True, latency=measure(tiny_cnn(), TARGET, time_budget_s=0.1)).to_dict()
+    for key in ("noisy", "noisy_reason", "attempts", "probe_ratio"):
+        del old["latency"][key]
+    latency = MeasureResult.from_dict(old).latency
+    assert (latency.noisy, latency.attempts, latency.probe_ratio) == (False, 1, None)
+
+
+class _Cache:
+    """A result cache holding one result (or none) and recording what is put."""
+
+    def __init__(self, result: MeasureResult | None = None):
+        self.result, self.puts = result, []
+
+    def get(self, arch_hash, fingerprint, target):
+        return self.result
+
+    def put(self, arch_hash, fingerprint, target, result):
+        self.puts.append(result)
+
+
+class _Arch:
+    image_size = 16
+
+    def arch_hash(self) -> str:
+        return "0123abcd"
+
+
+def _scorer(cache):
+    from nas.hardware.fingerprint import fingerprint
+    from nas.search.scoring import Scorer
+
+    class TinyScorer(Scorer):
+        def build(self, arch):
+            return tiny_cnn()
+
+    return TinyScorer(
+        val_data=None, target=TARGET, fingerprint=fingerprint(TARGET), cache=cache, measure_budget_s=0.2
+    )
+
+
+def test_the_scorer_probes_records_and_flags_in_the_trial_metrics():
+    from nas.search.scoring import Score
+
+    cache = _Cache()
+    scorer = _scorer(cache)
+    result = scorer.measure(_Arch(), tiny_cnn())
+    assert result.ok and cache.puts == [result]
+    assert scorer.probe is not None and scorer.probe.baseline_ms > 0
+    metrics = Score(accuracy=0.5, gflops=0.1, params_m=0.1, measured=result).metrics()
+    assert metrics["latency_probe_ratio"] == result.latency.probe_ratio
+    assert metrics["latency_noisy"] == float(result.latency.noisy)
+    assert metrics["latency_attempts"] == result.latency.attempts
+    flagged = dataclasses.replace(result.latency, noisy=True, noisy_reason="spread: ...")
+    assert (
+        Score(accuracy=0.5, gflops=0.1, params_m=0.1, measured=MeasureResult(True, flagged)).metrics()[
+            "latency_noisy"
+        ]
+        == 1.0
+    )
+
+
+def test_a_cached_noisy_latency_is_measured_again_a_clean_one_is_not():
+    latency = measure(tiny_cnn(), TARGET, time_budget_s=0.1)
+    clean = MeasureResult(ok=True, latency=dataclasses.replace(latency, noisy=False))
+    noisy = MeasureResult(ok=True, latency=dataclasses.replace(latency, noisy=True))
+    assert _scorer(_Cache(clean)).cached_latency(_Arch()) == clean
+    assert _scorer(_Cache(noisy)).cached_latency(_Arch()) is None
+    failed = MeasureResult(ok=False, error="timeout: ...")
+    assert _scorer(_Cache(failed)).cached_latency(_Arch()) == failed
+
+
+def test_the_front_table_marks_noisy_latencies():
+    from nas.report import format_front
+
+    row = {
+        "trial_number": 1,
+        "val_accuracy": 0.9,
+        "latency_ms": 1.2,
+        "latency_p90_ms": 412.0,
+        "arch_hash": "ab",
+    }
+    text = format_front([{**row, "latency_noisy": 1.0}, {**row, "trial_number": 2, "latency_noisy": 0.0}])
+    assert "1 with a noisy latency" in text.splitlines()[0]
+    assert [line.rstrip().endswith("noisy") for line in text.splitlines()[3:5]] == [True, False]
+    assert "noisy" not in format_front([{**row, "latency_noisy": 0.0}])

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +17,17 @@ import nas.hardware.latency_table as build_module
 from nas.cli import main
 from nas.errors import UserError
 from nas.hardware.fingerprint import fingerprint
-from nas.hardware.latency_table import build_table, grid_points
+from nas.hardware.latency_table import (
+    AGREE_TOL,
+    EXTRA_PASS_SHARE,
+    GRID_POINTS,
+    LINEAR_TOL,
+    MIN_PASSES,
+    build_table,
+    grid_points,
+    part_grid,
+    wants_pass,
+)
 from nas.hardware.measure import measure
 from nas.hardware.parts import PoolPart, decompose, space_parts
 from nas.hardware.predictor import LatencyPredictor, LatencyTable, Overhead, fit_overhead, interpolate
@@ -252,5 +264,78 @@ def test_cli_builds_and_resumes(tmp_path, capsys):
     first = capsys.readouterr().out
     assert str(out) in first and "0 kept" in first
     assert main(argv) == 0
-    assert "(0 measured now" in capsys.readouterr().out
+    assert "measurements (0 now," in capsys.readouterr().out
     LatencyPredictor.load(out, expect=fingerprint(TARGET), target=TARGET)
+
+
+# -- fewer points where the prediction does not need them; an honest ETA --------------------------
+def test_a_part_gets_its_quarter_points_only_when_its_middle_is_off_the_line():
+    counts = set(range(9, 34))  # grid: 9, 21, 33; quarters 15 and 27
+    assert part_grid(counts, {}) == [9, 21, 33]
+    near_line = {9: [1.0], 21: [2.0 * (1 + LINEAR_TOL / 2)], 33: [3.0]}
+    assert part_grid(counts, near_line) == [9, 21, 33]
+    curved = {9: [1.0], 21: [2.0 * (1 + 2 * LINEAR_TOL)], 33: [3.0]}
+    assert part_grid(counts, curved) == [9, 15, 21, 27, 33]
+    assert part_grid(counts, {**near_line, 12: [1.2]}) == [9, 12, 21, 33]  # a point measured stays measured
+    assert part_grid({5, 9}, {}) == [5, 9]
+
+
+def test_a_later_pass_measures_only_points_whose_passes_disagree():
+    assert [wants_pass([], i) for i in range(3)] == [True, True, True]
+    assert not wants_pass([1.0], 0)  # pass 0 is done (a resumed build)
+    assert wants_pass([1.0], 1)
+    agree, disagree = [1.0, 1.0 + AGREE_TOL / 2], [1.0, 1.0 + 2 * AGREE_TOL]
+    assert not wants_pass(agree, MIN_PASSES) and wants_pass(disagree, MIN_PASSES)
+    assert not wants_pass([1.0, 2.0, 1.5], MIN_PASSES)  # has its third
+
+
+def test_build_adds_a_third_pass_only_where_the_first_two_disagree(tiny, tmp_path, monkeypatch):
+    flips = random.Random(0)
+
+    def scripted_measure(module, target, *, input_shape, **kwargs):
+        # parts entered by 17 tokens take 1 or 2 ms at random; everything else the same every time
+        size = sum(p.numel() for p in module.parameters()) / 1000
+        return SimpleNamespace(median_ms=flips.choice([1.0, 2.0]) if input_shape[1] == 17 else size)
+
+    monkeypatch.setattr(build_module, "measure", scripted_measure)
+    table = build_table(tiny, TARGET, tmp_path / "table.json", **{**BUILD, "passes": 3}).table
+    for points in table.parts.values():
+        for ms in points.values():
+            assert len(ms) == (3 if ms[0] != ms[1] else 2)
+    assert any(len(ms) == 3 for points in table.parts.values() for ms in points.values())
+    assert all(len(s["measured_ms"]) == 2 for s in table.subnets.values())  # whole subnets agree
+
+
+def test_eta_is_the_mean_time_per_kind_times_the_jobs_left(tiny, monkeypatch):
+    monkeypatch.setattr(build_module, "ETA_REPLAN_S", 0.0)  # re-estimate the later passes after every job
+    part, arch = next(iter(space_parts(tiny))), tiny.largest()
+    progress = build_module._Progress(budget_s=0.1)  # enabled: a disabled tqdm counts nothing
+    later = {"part": 100.0, "subnet": 10.0}
+    progress.plan("pass 1/3", [(part, 5)] * 1000 + [arch] * 100, lambda: later)
+    first = 1100 * build_module.ETA_PRIOR["part"] * 0.1
+    first += 110 * build_module.ETA_PRIOR["subnet"] * build_module.SUBNET_BUDGET * 0.1
+    assert progress.eta_s() == pytest.approx(first)  # before any job: the guess from the budgets
+    assert progress.bar.total == 1210
+    for _ in range(1000):
+        progress.done((part, 5), 0.02)
+    for _ in range(100):
+        progress.done(arch, 0.5)  # a subnet costs 25 parts here
+    assert progress.eta_s() == pytest.approx(100 * 0.02 + 10 * 0.5, rel=0.02)
+    assert progress.bar.n == 1100 and progress.bar.total == 1210  # the bar never runs past its total
+    progress.close()
+
+
+def test_later_passes_are_estimated_from_the_points_and_how_often_passes_disagree(tiny, monkeypatch):
+    parts, archs = space_parts(tiny), build_module._fit_archs(tiny, 4)
+    points = sum(len(part_grid(counts, {})) for counts in parts.values())
+    table = synthetic_table(tiny.largest(), overhead=None)
+    table.parts, table.subnets = {}, {}
+    guess = build_module._later_passes(table, parts, archs, 0, 3, GRID_POINTS)  # nothing measured twice yet
+    assert guess == {"part": points * (1 + EXTRA_PASS_SHARE), "subnet": 4 * (1 + EXTRA_PASS_SHARE)}
+    monkeypatch.setattr(build_module, "SHARE_MIN_POINTS", 1)  # the tiny space has few points
+    for i, part in enumerate(parts):  # every point measured twice; a quarter of the parts disagree
+        table.parts[part.key] = {n: [1.0, 2.0 if i % 4 == 0 else 1.0] for n in part_grid(parts[part], {})}
+    share = sum(len(v) for i, v in enumerate(table.parts.values()) if i % 4 == 0) / points
+    assert build_module._later_passes(table, parts, [], 1, 3, GRID_POINTS)["part"] == pytest.approx(
+        points * share
+    )

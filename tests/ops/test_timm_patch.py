@@ -8,6 +8,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch.testing import assert_close
 
+from nas.errors import UserError
+from nas.hardware.profile import parse_reduce
 from nas.ops import timm_patch
 from nas.ops.evit import evit_fuse
 from nas.ops.tome import bipartite_soft_matching
@@ -36,7 +38,7 @@ def _images(b=2, size=64):
     return torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(1))
 
 
-def _by_hand(model, images, tome_r=0, evit=None):
+def _by_hand(model, images, tome_r=0, evit=None, order="reference"):
     """The reduced forward written out with timm's own modules (attention through timm's mask argument)."""
     p = model.num_prefix_tokens
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
@@ -50,7 +52,7 @@ def _by_hand(model, images, tome_r=0, evit=None):
         mask = None if size is None or evit else size.log().transpose(1, 2).unsqueeze(1)
         x = x + blk.ls1(a(h, attn_mask=mask))
         if tome_r:
-            x, size = bipartite_soft_matching(k.mean(1), tome_r, p).merge(x, size)
+            x, size = bipartite_soft_matching(k.mean(1), tome_r, p, order).merge(x, size)
         elif evit and i in evit[1]:
             cls = (q @ k.transpose(-1, -2) * a.scale).softmax(-1)[:, :, 0, p:].mean(1)
             x, size = evit_fuse(x, cls, evit[0], size, p)
@@ -83,13 +85,16 @@ def test_no_reduction_is_exactly_the_unpatched_model_and_remove_restores_it(conf
         assert torch.equal(model(images), ref)
 
 
+@pytest.mark.parametrize("order", [None, "reference", "spatial"])
 @pytest.mark.parametrize("config", CONFIGS)
-def test_tome_equals_the_by_hand_forward(config):
+def test_tome_equals_the_by_hand_forward(config, order):
+    """Without `order` the patch is ToMe's reference matching."""
     model = _model(**CONFIGS[config])
     images = _images()
+    schedule = {"kind": "tome", "r": 6} | ({} if order is None else {"order": order})
     with torch.no_grad():
-        expected = _by_hand(model, images, tome_r=6)
-        out = timm_patch.apply(model, {"kind": "tome", "r": 6})(images)
+        expected = _by_hand(model, images, tome_r=6, order=order or "reference")
+        out = timm_patch.apply(model, schedule)(images)
     assert out.shape == (2, 10)
     assert_close(out, expected, atol=1e-5, rtol=1e-4)
     assert timm_patch.token_sizes(model).shape[1] == 64 + model.num_prefix_tokens - 4 * 6
@@ -123,6 +128,49 @@ def test_deit_token_counts_and_prefix_positions():
         timm_patch.apply(model, {"kind": "evit", "keep_rate": 0.7, "layers": [3, 6, 9]})
         assert model.forward_features(images).shape == (1, 3 + 70 + 1, 16)
         assert timm_patch.source(model) is None
+
+
+def test_default_patch_orders_tokens_as_the_reference():
+    """One merging block, then the sources say: class token, unmerged even positions, every odd one."""
+    model = timm_patch.apply(_model(), {"kind": "tome", "r": [6, 0, 0, 0], "trace_source": True})
+    with torch.no_grad():
+        model(_images())
+    held = timm_patch.source(model)
+    idx = torch.arange(65.0)
+    anchor = torch.where(held.sum(-1) > 1, (held * idx * (idx % 2)).amax(-1), (held * idx).amax(-1))
+    for row in anchor.long().tolist():
+        assert row[0] == 0 and row[-32:] == list(range(1, 65, 2))
+        assert row[1:-32] == sorted(row[1:-32]) and all(j % 2 == 0 for j in row[1:-32])
+    spatial = timm_patch.apply(
+        model, {"kind": "tome", "r": [6, 0, 0, 0], "order": "spatial", "trace_source": True}
+    )
+    with torch.no_grad():
+        spatial(_images())
+    held = timm_patch.source(spatial)
+    in_b = (idx % 2 == 0) & (idx > 0)  # spatial B: odd positions among the patches
+    anchor = torch.where(held.sum(-1) > 1, (held * idx * in_b).amax(-1), (held * idx).amax(-1))
+    assert (anchor[:, 1:] > anchor[:, :-1]).all()  # survivors in sequence order
+
+
+def test_reduce_grammar_names_order_and_the_reference_inflection_form():
+    assert parse_reduce("tome:r=8,order=spatial") == {"kind": "tome", "r": 8, "order": "spatial"}
+    assert parse_reduce("tome:r=8,inflection=-1,order=reference") == {
+        "kind": "tome",
+        "r": {"rule": "inflection", "r": 8, "inflection": -1.0},
+        "order": "reference",
+    }
+    model = timm_patch.apply(_model(), parse_reduce("tome:r=4,inflection=-1"))  # 8, 5, 2, 0 merges
+    with torch.no_grad():
+        assert model.forward_features(_images()).shape[1] == 65 - 15
+    for spec, match in [
+        ("tome:r=8,order=sorted", "order='sorted' is not one of reference, spatial"),
+        ("tome:decreasing=8,inflection=-1", "goes with a single r=INT"),
+        ("tome:r=8/4,inflection=0", "goes with a single r=INT"),
+        ("tome:r=8,inflection=-2", "not a number in"),
+        ("tome:r=8,inflection=nan", "not a number in"),
+    ]:
+        with pytest.raises(UserError, match=match):
+            parse_reduce(spec)
 
 
 def test_forward_features_after_forward_and_repeated_calls():
@@ -172,6 +220,7 @@ def test_deepcopy_pickle_state_dict_and_reapply():
         ({}, {"kind": "evit", "keep_rate": 0.7, "layers": [4]}, r"\[0, 4\)"),
         ({}, {"kind": "evit", "keep_rate": 0, "layers": [1]}, "keep_rate"),
         ({}, {"kind": "tome", "r": 2, "prop_attn": "yes"}, "true or false"),
+        ({}, {"kind": "tome", "r": 2, "order": "sorted"}, "order must be one of reference, spatial"),
         (
             {"class_token": False, "global_pool": "avg"},
             {"kind": "evit", "keep_rate": 0.7, "layers": [1]},

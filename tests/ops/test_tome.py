@@ -1,10 +1,10 @@
-"""ToMe bipartite soft matching and size-weighted merging."""
+"""ToMe bipartite soft matching (reference and spatial orders) and size-weighted merging."""
 
 import pytest
 import torch
 from torch.testing import assert_close
 
-from nas.ops.tome import bipartite_soft_matching, merge_wavg, tome_schedule
+from nas.ops.tome import ORDERS, bipartite_soft_matching, merge_wavg, tome_schedule
 
 
 def _data(b=3, n=21, c=8, seed=0):
@@ -15,18 +15,20 @@ def _data(b=3, n=21, c=8, seed=0):
     return x, size, metric
 
 
-def test_r_zero_is_the_exact_identity():
+@pytest.mark.parametrize("order", ORDERS)
+def test_r_zero_is_the_exact_identity(order):
     x, size, metric = _data()
-    merge = bipartite_soft_matching(metric, 0)
+    merge = bipartite_soft_matching(metric, 0, order=order)
     out, new_size = merge.merge(x, size)
     assert torch.equal(out, x) and torch.equal(new_size, size)
     out, new_size = merge.merge(x)
     assert torch.equal(out, x) and torch.equal(new_size, torch.ones_like(size))
 
 
-def test_merging_conserves_total_size_and_size_weighted_mean_and_protects_prefix():
+@pytest.mark.parametrize("order", ORDERS)
+def test_merging_conserves_total_size_and_size_weighted_mean_and_protects_prefix(order):
     x, size, metric = _data()
-    out, new_size = bipartite_soft_matching(metric, 7, num_prefix=2).merge(x, size)
+    out, new_size = bipartite_soft_matching(metric, 7, num_prefix=2, order=order).merge(x, size)
     assert out.shape == (3, 21 - 7, 8) and new_size.shape == (3, 14, 1)
     assert_close(new_size.sum(1), size.sum(1))
     assert_close((out * new_size).sum(1), (x * size).sum(1))  # so the size-weighted mean is conserved too
@@ -44,13 +46,78 @@ def test_hand_computed_merge():
     assert new_size.flatten().tolist() == [1, 1, 1, 5]
 
 
-def test_sources_reproduce_the_merged_tokens_over_several_layers():
+# Hand-worked: class token + t1..t6 (2-D keys). Reference sets: A = positions 0, 2, 4, 6 and
+# B = 1, 3, 5. The class token's key is parallel to t1 (score 1: it would merge first were it not
+# protected); t6 is parallel to t5 (1.0), t2 nearly parallel to t1 (0.995), t4 best at t1 (0.707).
+# So r=2 merges t6 into t5 and t2 into t1, and the output is [cls, t4, t1+t2, t3, t5+t6].
+# Spatial sets over t1..t6: A = t1, t3, t5 and B = t2, t4, t6: t5→t6 (1.0), t1→t2 (0.995), t3→t6
+# (0.707); r=2 gives [cls, t1+t2, t3, t4, t5+t6], every survivor where it was.
+HAND_KEYS = [[1.0, 0.0], [1, 0], [1, 0.1], [0, 1], [1, -1], [-1, 1], [-1, 1]]
+HAND_SIZE = [1.0, 2, 1, 1, 3, 1, 2]
+
+
+def _hand(order):
+    metric = torch.tensor([HAND_KEYS], dtype=torch.float64)
+    x = (torch.arange(7, dtype=torch.float64).view(1, 7, 1) * torch.tensor([1.0, 10.0])).contiguous()
+    size = torch.tensor(HAND_SIZE, dtype=torch.float64).view(1, 7, 1)
+    merge = bipartite_soft_matching(metric, 2, order=order)
+    out, new_size = merge.merge(x, size)
+    held = merge.merge_source(torch.eye(7, dtype=torch.float64).unsqueeze(0))
+    groups = [sorted(int(j) for j in row.nonzero()) for row in held[0]]
+    return x[0], out[0], new_size.flatten().tolist(), groups
+
+
+def test_hand_worked_reference_order():
+    x, out, sizes, groups = _hand("reference")
+    assert groups == [[0], [4], [1, 2], [3], [5, 6]]  # prefix, unmerged A, then every B (with its merges)
+    assert sizes == [1, 3, 3, 1, 3]
+    t12, t56 = (2 * x[1] + x[2]) / 3, (x[5] + 2 * x[6]) / 3
+    assert_close(out, torch.stack([x[0], x[4], t12, x[3], t56]))
+
+
+def test_hand_worked_spatial_order():
+    x, out, sizes, groups = _hand("spatial")
+    assert groups == [[0], [1, 2], [3], [4], [5, 6]]  # sequence order kept
+    assert sizes == [1, 3, 1, 3, 3]
+    t12, t56 = (2 * x[1] + x[2]) / 3, (x[5] + 2 * x[6]) / 3
+    assert_close(out, torch.stack([x[0], t12, x[3], x[4], t56]))
+
+
+@pytest.mark.parametrize("p", [0, 1, 2, 3])
+def test_reference_order_is_prefix_then_unmerged_a_then_b(p):
+    """For any prefix length: prefix tokens alone and first, unmerged even positions, then all odd ones."""
+    n, r = 40, 13
+    _, _, metric = _data(b=4, n=n)
+    merge = bipartite_soft_matching(metric, r, num_prefix=p, order="reference")
+    held = merge.merge_source(torch.eye(n).expand(4, n, n))
+    idx = torch.arange(float(n))
+    odd = idx % 2 == 1
+    # a group is anchored at its B (odd) token; an unmerged token at itself
+    anchor = torch.where(held.sum(-1) > 1, (held * idx * odd).amax(-1), (held * idx).amax(-1)).long()
+    assert torch.equal(held[:, :p], torch.eye(n)[:p].expand(4, p, n))
+    b_tokens = [j for j in range(p, n) if j % 2]
+    for row, hold in zip(anchor, held):
+        a_part = row[p : len(row) - len(b_tokens)].tolist()
+        assert row[:p].tolist() == list(range(p))
+        assert a_part == sorted(a_part) and all(j % 2 == 0 and j >= p for j in a_part)
+        assert row[len(row) - len(b_tokens) :].tolist() == b_tokens
+        assert all(int(hold[k].sum()) == 1 for k in range(p))  # prefix never merged nor merged into
+
+
+def test_unknown_order_is_refused():
+    _, _, metric = _data()
+    with pytest.raises(ValueError, match="order must be one of reference, spatial"):
+        bipartite_soft_matching(metric, 2, order="sorted")
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_sources_reproduce_the_merged_tokens_over_several_layers(order):
     """After any chain of merges from unit sizes, x = source @ x0 / size and size = row sums of source."""
     x0, _, _ = _data(b=2, n=33)
     x, size = x0, None
     source = torch.eye(33, dtype=torch.float64).expand(2, 33, 33)
     for r in (8, 5, 6):
-        merge = bipartite_soft_matching(x[..., :5], r)
+        merge = bipartite_soft_matching(x[..., :5], r, order=order)
         x, size = merge.merge(x, size)
         source = merge.merge_source(source)
     assert x.shape[1] == 33 - 19
@@ -72,26 +139,30 @@ def test_kept_tokens_stay_in_original_order():
     assert (anchor[:, 1:] > anchor[:, :-1]).all()
 
 
-def test_batched_matching_equals_per_sample():
+@pytest.mark.parametrize("order", ORDERS)
+def test_batched_matching_equals_per_sample(order):
     x, size, metric = _data(b=5)
-    out, new_size = bipartite_soft_matching(metric, 6).merge(x, size)
+    out, new_size = bipartite_soft_matching(metric, 6, order=order).merge(x, size)
     for i in range(5):
-        o, s = merge_wavg(bipartite_soft_matching(metric[i : i + 1], 6), x[i : i + 1], size[i : i + 1])
+        one = bipartite_soft_matching(metric[i : i + 1], 6, order=order)
+        o, s = merge_wavg(one, x[i : i + 1], size[i : i + 1])
         assert torch.equal(o, out[i : i + 1]) and torch.equal(s, new_size[i : i + 1])
 
 
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize(
     ("n", "r", "out"), [(1 + 9, 100, 1 + 5), (1 + 10, 7, 1 + 5), (1 + 1, 3, 2), (1, 1, 1)]
 )
-def test_r_is_clamped_to_half_the_tokens(n, r, out):
+def test_r_is_clamped_to_half_the_tokens(n, r, out, order):
     x, _, metric = _data(b=2, n=n)
-    assert bipartite_soft_matching(metric, r).merge(x)[0].shape[1] == out
+    assert bipartite_soft_matching(metric, r, order=order).merge(x)[0].shape[1] == out
 
 
-def test_gradient_of_a_merge_is_each_tokens_share_of_its_group():
+@pytest.mark.parametrize("order", ORDERS)
+def test_gradient_of_a_merge_is_each_tokens_share_of_its_group(order):
     x, size, metric = _data(b=2, n=15)
     x.requires_grad_()
-    out, new_size = bipartite_soft_matching(metric, 5).merge(x, size)
+    out, new_size = bipartite_soft_matching(metric, 5, order=order).merge(x, size)
     (out * new_size).sum().backward()  # d/dx_i of sum_groups S * mean = s_i
     assert_close(x.grad, size.expand_as(x))
 
@@ -104,6 +175,17 @@ def test_tome_schedule_forms():
     assert tome_schedule({"rule": "decreasing", "start": 16}, 1) == [16]
 
 
+def test_inflection_rule_is_the_reference_r_tuple():
+    """`(r, inflection)` as ToMe's code reads it; `decreasing start=2r` is it but for rounding."""
+    paper = tome_schedule({"rule": "inflection", "r": 8, "inflection": -1}, 12)
+    assert paper == [16, 14, 13, 11, 10, 8, 7, 5, 4, 2, 1, 0]  # values truncated, as the reference does
+    assert tome_schedule({"rule": "decreasing", "start": 16}, 12) == [16, 15, 13, 12, 10, 9, 7, 6, 4, 3, 1, 0]
+    assert tome_schedule({"rule": "inflection", "r": 8, "inflection": 0}, 12) == [8] * 12
+    assert tome_schedule({"rule": "inflection", "r": 4, "inflection": 1}, 5) == [0, 2, 4, 6, 8]
+    assert tome_schedule({"rule": "inflection", "r": 8, "inflection": -0.5}, 5) == [12, 10, 8, 6, 4]
+    assert tome_schedule({"rule": "inflection", "r": 8, "inflection": -1}, 1) == [16]
+
+
 @pytest.mark.parametrize(
     "bad",
     [
@@ -114,6 +196,12 @@ def test_tome_schedule_forms():
         True,
         [1.5, 1, 1],
         {"rule": "decreasing", "start": 2.5},
+        {"rule": "inflection", "r": 8},
+        {"rule": "inflection", "r": 8, "inflection": 1.5},
+        {"rule": "inflection", "r": 8, "inflection": float("nan")},
+        {"rule": "inflection", "r": 8, "inflection": True},
+        {"rule": "inflection", "r": -1, "inflection": 0},
+        {"rule": "inflection", "r": 2.5, "inflection": 0},
     ],
 )
 def test_tome_schedule_rejects_bad_input(bad):

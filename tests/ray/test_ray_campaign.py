@@ -5,6 +5,7 @@ the local backend's, and losing the worker node mid-campaign loses nothing finis
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import optuna
 import pytest
@@ -12,17 +13,24 @@ from conftest import HEAD_RESOURCE, TARGET_RESOURCE, search_fixtures, wait_for
 from nas.runners.campaign import search_argv
 from optuna.trial import TrialState
 from ray.tune import Result
+from ray.tune.execution.placement_groups import resource_dict_to_pg_factory
 
+from nas.cli import main
 from nas.errors import UserError
+from nas.hardware.target import Target
+from nas.search.campaign import CampaignConfig
 from nas.search.ray_backend import (
     FAILED,
     NUMBER,
     RUN_ID,
+    RayOptions,
     _logged_reports,
     _tell_unreported,
     _tune_reports,
     parse_resource,
     tell,
+    trial_config,
+    trial_resources,
 )
 from nas.space import space_from_dict
 from nas.tracking import Campaign
@@ -34,6 +42,35 @@ def test_target_resource_parsing():
     for bad in ("=1", "hw=0", "hw=x", "CPU=2", "node:10.0.0.1=1"):
         with pytest.raises(UserError, match="--target-resource"):
             parse_resource(bad)
+
+
+def test_a_trial_asks_for_its_gpus_and_computes_accuracy_on_them():
+    target = Target.parse("cpu:threads=2")
+    cpu_only = RayOptions(target_resource={"hw_xeon": 1.0})
+    with_gpu = replace(cpu_only, gpus_per_trial=0.5)
+    assert trial_resources(target, cpu_only) == {"CPU": 2, "hw_xeon": 1.0}
+    assert trial_resources(target, with_gpu) == {"CPU": 2, "hw_xeon": 1.0, "GPU": 0.5}
+    # as Tune reads the dict (``tune.with_resources``): one bundle, the GPU in it
+    [bundle] = resource_dict_to_pg_factory(trial_resources(target, with_gpu)).bundles
+    assert bundle["GPU"] == 0.5 and bundle["CPU"] == 2 and bundle["hw_xeon"] == 1.0
+
+    config = CampaignConfig(name="c", space="s.yaml", target=str(target), trials=1, workspace="ws")
+    assert trial_config(config, cpu_only).eval_device == "auto"  # the target's device
+    assert trial_config(config, with_gpu).eval_device == "cuda"  # the trial's first GPU
+    assert trial_config(replace(config, eval_device="cpu"), with_gpu).eval_device == "cpu"  # as asked
+
+
+def test_negative_gpus_per_trial_are_refused_before_anything_is_written(tmp_path, capsys):
+    for bad in (-1.0, -0.5, float("nan")):
+        with pytest.raises(UserError, match=r"^--gpus-per-trial .*: expected a number >= 0"):
+            RayOptions(gpus_per_trial=bad)
+    workspace = tmp_path / "ws"
+    argv = ["search", "--space", "psvit-digits", "--campaign", "c", "--workspace", str(workspace),
+            "--backend", "ray", "--gpus-per-trial", "-1"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("vitnas: error: --gpus-per-trial -1: expected a number >= 0")
+    assert not workspace.exists()
 
 
 def test_runner_adds_backend_and_address():

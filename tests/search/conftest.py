@@ -24,8 +24,9 @@ from nas.search.scoring import Scorer
 from nas.space import SearchSpace, load_space
 from nas.supernet import Supernet
 from nas.supernet.checkpoint import save_checkpoint
-from nas.supernet.train import TrainConfig, make_optimizer
 from nas.tracking import CAMPAIGN, ROLE, Campaign, TrialRecord
+from nas.training.config import TrainConfig
+from nas.training.optim import make_optimizer
 
 #: 16x16 images in 4x4 patches (16 tokens + class), two stages, dims up to 48: 288 members whose
 #: subnets evaluate and measure in a fraction of a second on two cores.
@@ -111,6 +112,10 @@ class Tiny:
                 "--measure-budget-s", str(config.measure_budget_s), "--quiet"]  # fmt: skip
         if config.latency_budget_ms is not None:
             argv += ["--latency-budget-ms", str(config.latency_budget_ms)]
+        if config.eval_device != "auto":
+            argv += ["--eval-device", config.eval_device]
+        if config.val_subset is not None:
+            argv += ["--val-subset", str(config.val_subset)]
         return argv
 
     def check(self, config: CampaignConfig) -> Records:
@@ -154,7 +159,8 @@ class Records:
 def check_campaign(config: CampaignConfig) -> Records:
     """Optuna and MLflow agree, one trial to one child run, and the Pareto tags are right.
 
-    - no trial RUNNING in Optuna, no child run RUNNING in MLflow; one parent run;
+    - the study names its objectives; no trial RUNNING in Optuna, no child run RUNNING in MLflow; one
+      parent run;
     - child runs and Optuna trials match one to one by trial number (and by run id, arch hash),
       but for a trial interrupted before its run was created;
       COMPLETE is FINISHED, FAIL is FAILED; a completed trial's accuracy is the run's;
@@ -162,6 +168,7 @@ def check_campaign(config: CampaignConfig) -> Records:
       computation from their metrics, and nothing else carries them.
     """
     study = optuna.load_study(study_name=config.name, storage=config.storage)
+    assert study.metric_names == ["val_accuracy", "latency_ms"]  # what optuna-dashboard shows
     trials = sorted(study.get_trials(), key=lambda t: t.number)
     tracker = Campaign(config.tracking_uri, config.name)
     runs = tracker.trial_runs(only_finished=False)

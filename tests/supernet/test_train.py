@@ -23,6 +23,7 @@ from nas.errors import UserError
 from nas.space import space_from_dict
 from nas.supernet import Supernet, TrainConfig, evaluate, load_checkpoint, train_supernet
 from nas.supernet.checkpoint import OPTIMIZER, SIDECAR, WEIGHTS
+from nas.training.loop import TIMING_KEYS
 
 TINY = {
     "name": "tiny-train",
@@ -83,7 +84,8 @@ def _files(result) -> tuple[dict, dict, dict]:
     folder = result.checkpoint.parent
     meta = json.loads((folder / SIDECAR).read_text())
     for record in meta["history"]:
-        record.pop("seconds")
+        for key in TIMING_KEYS:
+            record.pop(key)
     return load_file(folder / WEIGHTS), load_file(folder / OPTIMIZER), meta
 
 

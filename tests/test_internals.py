@@ -1,0 +1,34 @@
+"""The private parts of Optuna and MLflow that ``nas.internals`` uses are where it expects them.
+
+When one of these fails after an upgrade, fix ``nas/internals.py`` (or move its caller to a public
+API) before anything else: the callers' own tests may then fail in less obvious ways.
+"""
+
+from __future__ import annotations
+
+import mlflow
+import optuna
+
+from nas.internals import mlflow_artifact_repos, optuna_rdb
+
+
+def test_optuna_rdb_models_and_session_scope_are_there():
+    models, scoped_session = optuna_rdb()
+    for name in ("StudyModel", "TrialModel", "TrialParamModel", "TrialUserAttributeModel",
+                 "TrialSystemAttributeModel"):  # fmt: skip
+        assert hasattr(models, name), f"optuna {optuna.__version__} has no _rdb.models.{name}"
+    assert callable(models.StudyModel.find_or_raise_by_id) and callable(scoped_session)
+
+
+def test_mlflow_artifact_repository_cache_is_there(tmp_path, monkeypatch):
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.chdir(tmp_path)  # a sqlite store's default artifact root is ./mlruns
+    assert hasattr(utils, "_artifact_repos_cache"), f"mlflow {mlflow.__version__} moved its artifact repo cache"
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        with mlflow.start_run() as run:
+            mlflow.log_text("x", "x.txt")
+        assert run.info.run_id in mlflow_artifact_repos()  # keyed by run id, as follow_moved_store assumes
+    finally:
+        mlflow.set_tracking_uri(None)
