@@ -29,7 +29,7 @@ CLI_WITH_CTRL_C = (
     "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
     "from nas.cli import main; sys.exit(main(sys.argv[1:]))"
 )
-TRIALS = 6  # enough that the poll below meets a trial running in the store
+TRIALS = 10  # enough that the poll below meets a trial running in the store
 
 
 def start(tiny, config, log: Path) -> subprocess.Popen:
