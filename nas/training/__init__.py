@@ -1,12 +1,15 @@
 """Where training lives: one loop for the supernet, ``vitnas train`` and ``vitnas finetune``.
 
-- ``config``: the one hyperparameter object (``TrainConfig``) and the run's devices and precision;
+- ``config``: the one hyperparameter object (``TrainConfig``; ``batch_size`` is the global batch);
 - ``augment``: named augmentation presets (timm transforms, Mixup/CutMix);
-- ``batches``: the batches of a step for this rank (in-memory tensors or DataLoader workers);
-- ``distributed``: the process group (torchrun or Ray Train), one gradient reduction per step;
-- ``loop``: the loop itself; a *step* (plain supervised, or the supernet's sandwich) is the only
-  part that differs between what it trains;
-- ``ray_train``: the same loop as Ray Train workers.
+- ``batches``: the micro-batches of each step for this process (in memory, or DataLoader workers);
+- ``devices``, ``precision``: ``--device`` and ``--precision`` (autocast, the fp16 gradient scaler);
+- ``distributed``: the processes (one, torchrun's or Ray Train's) and the one gradient reduction a step;
+- ``optim``, ``seeds``: AdamW with its schedule; the seeds of every random stream;
+- ``loop``: the loop itself; a *step* (``SupervisedStep``, or the supernet's ``SandwichStep`` in
+  ``nas.supernet.train``) is the only part that differs between what it trains;
+- ``classifier``: a plain model through the loop (``vitnas train``, ``vitnas finetune``);
+- ``ray_train``: supernet training as Ray Train workers.
 
 Importing this package imports nothing heavy; the submodules import torch.
 """

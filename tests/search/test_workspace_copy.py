@@ -10,10 +10,16 @@ from optuna.trial import TrialState
 
 from nas.search.campaign import run_campaign
 
+SQLITE_TRANSIENT = ("-wal", "-shm", "-journal")  # come and go with a database's connections
+
 
 def files(folder) -> dict[str, tuple[int, int]]:
-    """Every file under ``folder``: (size, mtime in ns) by relative path."""
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+    """Every file under ``folder`` but sqlite's transient ones: (size, mtime in ns) by relative path."""
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in folder.rglob("*")
+        if p.is_file() and not p.name.endswith(SQLITE_TRANSIENT)
+    }
 
 
 def test_a_copied_workspace_writes_only_into_itself(tiny, tmp_path, mlflow_db_template):
