@@ -10,7 +10,8 @@ the supernet's weights, FLOPs by fvcore, latency measured on the target).
 - One latency cache is shared by these runs: each architecture is measured once on this machine,
   the first time any run proposes it, and every run sees the same latency for it. That keeps the
   sampler comparison free of measurement noise.
-- The time of each trial (``_run_trial`` plus the progress note after it) is split into the
+- The time of each trial (``_run_trial``: asking and claiming it, scoring, handing its records to
+  the writer; plus the progress note after it) is split into the
   scorer's own timings (evaluate, cost = FLOPs and params, measure) and the rest: what tracking
   and storage leave on the critical path (in-memory Optuna ask/tell, handing the records to the
   writer process, waiting for it to pause before a measurement). The writer process's own CPU
@@ -103,12 +104,14 @@ def clocked(scorer):
         now.clear()
         t0 = time.perf_counter()
         loop.setdefault("start", t0)
-        originals["_run_trial"](*args, **kwargs)
+        if not originals["_run_trial"](*args, **kwargs):
+            return False  # the budget is done: no trial ran
         s = now.get("score")
         timings = {} if s is None else s.timings
         kind = "failed" if s is None else "scored" if timings else "rescored"
         phases = [timings.get(p, 0.0) for p in ("evaluate", "cost", "measure")]
         times.append(TrialTime(time.perf_counter() - t0, *phases, kind))
+        return True
 
     def timed_note(*args, **kwargs):
         t0 = time.perf_counter()

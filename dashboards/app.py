@@ -181,7 +181,7 @@ class Handler(BaseHTTPRequestHandler):
             }
         if len(parts) == 4 and parts[0] == "campaigns" and parts[3] == "trials":
             info = store.campaign(f"{parts[1]}/{parts[2]}")
-            return payloads.campaign_points(info, store.trials(info))
+            return payloads.campaign_points(info, store.trials(info), store.ranking(info))
         if len(parts) == 2 and parts[0] == "trials" and RUN_ID.fullmatch(parts[1]):
             run, arch_text = store.run(parts[1])
             return payloads.trial_detail(store.tracking_uri, run, arch_text)

@@ -24,11 +24,12 @@ from mlflow.exceptions import MlflowException
 from sqlalchemy.engine import make_url
 
 from nas.errors import UserError
+from nas.names import ACCURACY, ARCH_HASH, CAMPAIGN, LATENCY, ROLE, SUPERNET_HASH, TRIAL_NUMBER
 from nas.pareto import pareto_ranks
-from nas.tracking import CAMPAIGN, ROLE, campaign_budget, filter_equals
+from nas.tracking import campaign_budget, filter_equals
 
 PAGE = 1000
-ACC, LAT = "val_accuracy", "latency_ms"
+ACC, LAT = ACCURACY, LATENCY
 
 
 class NotFound(LookupError):
@@ -107,12 +108,12 @@ class Trial:
     @classmethod
     def from_run(cls, run: Run) -> Trial:
         tags = run.data.tags
-        number_tag = tags.get("trial_number", "")
+        number_tag = tags.get(TRIAL_NUMBER, "")
         return cls(
             run.info.run_id,
             run.info.run_name or "",
             int(number_tag) if number_tag.lstrip("-").isdigit() else -1,
-            tags.get("arch_hash", ""),
+            tags.get(ARCH_HASH, ""),
             run.info.status,
             {k: v for k, v in run.data.metrics.items() if math.isfinite(v)},
             dict(tags),
@@ -198,9 +199,7 @@ class Store:
     def _search(self, experiment_ids: list[str], filter_string: str) -> Iterator[Run]:
         token = None
         while True:
-            page = self.client.search_runs(
-                experiment_ids, filter_string, max_results=PAGE, page_token=token
-            )
+            page = self.client.search_runs(experiment_ids, filter_string, max_results=PAGE, page_token=token)
             yield from page
             token = page.token
             if not token:
@@ -218,11 +217,21 @@ class Store:
         for run in self._search(list(names), f"tags.`{ROLE}` = 'campaign'"):
             key = (run.info.experiment_id, run.data.tags.get(CAMPAIGN, run.info.run_name))
             best = oldest.get(key)
-            if best is None or (run.info.start_time, run.info.run_id) < (best.info.start_time, best.info.run_id):
+            if best is None or (run.info.start_time, run.info.run_id) < (
+                best.info.start_time,
+                best.info.run_id,
+            ):
                 oldest[key] = run  # as Campaign does: the first-created parent run is the campaign
         infos = [
-            CampaignInfo(exp, names[exp], name, run.info.run_id, run.info.status,
-                         dict(run.data.params), dict(run.data.tags))  # fmt: skip
+            CampaignInfo(
+                exp,
+                names[exp],
+                name,
+                run.info.run_id,
+                run.info.status,
+                dict(run.data.params),
+                dict(run.data.tags),
+            )  # fmt: skip
             for (exp, name), run in oldest.items()
         ]
         return sorted(infos, key=lambda c: (c.experiment, c.name))
@@ -244,6 +253,16 @@ class Store:
             # the name is any string a store holds: a filter for one with both quote kinds may match more
             trials = [Trial.from_run(r) for r in runs if r.data.tags.get(CAMPAIGN) == info.name]
         return Trials.of(sorted(trials, key=lambda t: (t.trial_number, t.run_id)))
+
+    def ranking(self, info: CampaignInfo) -> dict | None:
+        """The ranking trust of the supernet the campaign scored with (``vitnas rank-check``'s newest
+        run for its weights hash), or None: not measured, or no supernet (a timm space)."""
+        digest = info.tags.get(SUPERNET_HASH)
+        if not digest:
+            return None
+        from nas.ranking.record import from_store
+
+        return self.cache.get(("ranking", digest), lambda: from_store(self.client, digest))
 
     def run(self, run_id: str) -> tuple[Run, str | None]:
         """A trial's run and the text of its ``arch.yaml`` artifact (None when it has none)."""

@@ -14,18 +14,29 @@ from collections.abc import Sequence
 
 from mlflow.entities import Run
 
-from nas.arch import ArchConfig, Reduction, TimmArch, arch_from_text
+from nas.arch import arch_from_text
 from nas.errors import UserError
+from nas.families import family_of
+from nas.names import (
+    ARCH_HASH,
+    CAMPAIGN,
+    FINGERPRINT,
+    PARETO,
+    PARETO_RANK,
+    SUPERNET_HASH,
+    TRIAL_NUMBER,
+    WEIGHTS_HASH,
+)
 from nas.pareto import best_under_budget
-from nas.tracking import CAMPAIGN, run_url
+from nas.tracking import run_url
 
 from .data import ACC, LAT, CampaignInfo, Trial, Trials
 
 #: Metrics shown with every point (hover) and in the trial panel, in this order.
 SHOWN = (ACC, LAT, "latency_p90_ms", "latency_noisy", "gflops", "params_m")
 #: Tags of a trial worth showing in its panel.
-TRIAL_TAGS = ("target", "fingerprint", "measured", "latency_cached", "supernet_hash",
-              "pareto", "pareto_rank", "best_under_budget")  # fmt: skip
+TRIAL_TAGS = ("target", FINGERPRINT, "measured", "latency_cached", SUPERNET_HASH, WEIGHTS_HASH,
+              PARETO, PARETO_RANK, "best_under_budget")  # fmt: skip
 
 
 def best(points: Sequence[Trial], budget_ms: float | None) -> Trial | None:
@@ -90,12 +101,15 @@ def point(trial: Trial) -> dict:
     }
 
 
-def campaign_points(info: CampaignInfo, trials: Trials) -> dict:
+def campaign_points(info: CampaignInfo, trials: Trials, ranking: dict | None = None) -> dict:
     """A campaign page's data: every plottable trial, the front (run ids, fastest first), the pick
-    under the campaign's budget, and how many trials could not be plotted."""
+    under the campaign's budget, how many trials could not be plotted, and the ranking trust of the
+    supernet it scored with (``ranking``: ``Store.ranking``; None: not measured or no supernet)."""
     pick = best(trials.points, info.budget_ms)
     return {
         "campaign": campaign_meta(info),
+        "supernet": bool(info.tags.get(SUPERNET_HASH)),
+        "ranking": ranking,
         "points": [point(t) for t in trials.points],
         "front": [t.run_id for t in trials.front],
         "best_under_budget": None if pick is None else pick.run_id,
@@ -125,9 +139,11 @@ def compare(infos: Sequence[CampaignInfo], trials: Sequence[Trials]) -> dict:
 # -- one trial ----------------------------------------------------------------------------------
 def export_command(tracking_uri: str, run: Run) -> str:
     """The exact ``vitnas export`` command line for the trial, quoted for a POSIX shell."""
-    number_tag = run.data.tags.get("trial_number", "")
+    number_tag = run.data.tags.get(TRIAL_NUMBER, "")
     out = f"exported/trial-{number_tag}" if number_tag.isdigit() else f"exported/{run.info.run_id}"
-    return shlex.join(["vitnas", "export", "--run-id", run.info.run_id, "--out", out, "--tracking-uri", tracking_uri])
+    return shlex.join(
+        ["vitnas", "export", "--run-id", run.info.run_id, "--out", out, "--tracking-uri", tracking_uri]
+    )
 
 
 def mlflow_link(tracking_uri: str, experiment_id: str, run_id: str) -> dict:
@@ -141,51 +157,9 @@ def mlflow_link(tracking_uri: str, experiment_id: str, run_id: str) -> dict:
     }
 
 
-def reduction_text(red: Reduction) -> str:
-    if red.kind == "tome":
-        return f"ToMe: merge r = {', '.join(map(str, red.r))} per cell"
-    if red.kind == "evit":
-        return f"EViT: keep {red.keep_rate:g} after cells {', '.join(map(str, red.at))}"
-    if red.kind == "cluster":
-        return f"clustering ({red.method}): keep {red.keep_rate:g} after cells {', '.join(map(str, red.at))}"
-    return "no reduction"
-
-
-def arch_drawing(arch: ArchConfig | TimmArch) -> dict:
-    """What the page draws: the patch embedding, every stage (pool into it, dims, heads, attention,
-    reduction) with its cells and the token count after each (``token_trace``), the head."""
-    if isinstance(arch, TimmArch):
-        return {"family": "timm", "model": arch.model, "image_size": arch.image_size,
-                "num_classes": arch.num_classes, "schedule": arch.schedule}  # fmt: skip
-    stages, before = [], arch.grid**2 + 1
-    for i, st in enumerate(arch.stages):
-        cells = [
-            {"kind": kind, "tokens": after, "reduces": kind != "identity" and st.reduction.reduces_at(j)}
-            for j, (kind, after) in enumerate(zip(st.cells, st.token_trace()))
-        ]
-        stages.append({
-            "index": i,
-            "pool": st.pool,
-            "tokens_before": before,
-            "tokens": st.tokens,
-            "dim": st.dim,
-            "heads": st.heads,
-            "mlp_ratio": st.mlp_ratio,
-            "attention": st.attention,
-            "reduction": {"kind": st.reduction.kind, "text": reduction_text(st.reduction)},
-            "cells": cells,
-            "exit_tokens": st.exit_tokens,
-        })  # fmt: skip
-        before = st.exit_tokens
-    return {
-        "family": "psvit",
-        "image_size": arch.image_size,
-        "patch_size": arch.patch_size,
-        "grid": arch.grid,
-        "in_chans": arch.in_chans,
-        "num_classes": arch.num_classes,
-        "stages": stages,
-    }
+def arch_drawing(arch) -> dict:
+    """What the page draws of an architecture, as its family describes it (``Family.drawing``)."""
+    return family_of(arch).drawing(arch)
 
 
 def trial_detail(tracking_uri: str, run: Run, arch_text: str | None) -> dict:
@@ -205,9 +179,11 @@ def trial_detail(tracking_uri: str, run: Run, arch_text: str | None) -> dict:
         "experiment_id": info.experiment_id,
         "status": info.status,
         "campaign": tags.get(CAMPAIGN, ""),
-        "trial_number": tags.get("trial_number", ""),
-        "arch_hash": tags.get("arch_hash", ""),
-        "metrics": {k: v if math.isfinite(v) else None for k, v in sorted(run.data.metrics.items(), key=_shown_first)},
+        "trial_number": tags.get(TRIAL_NUMBER, ""),
+        "arch_hash": tags.get(ARCH_HASH, ""),
+        "metrics": {
+            k: v if math.isfinite(v) else None for k, v in sorted(run.data.metrics.items(), key=_shown_first)
+        },
         "tags": {k: tags[k] for k in TRIAL_TAGS if k in tags},
         "arch": arch,
         "arch_error": problem,

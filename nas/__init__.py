@@ -2,4 +2,6 @@
 
 __version__ = "0.1.0"
 
-from nas import timm_model as _timm_model  # noqa: E402,F401  registers timm's "vitnas_subnet"
+from nas import timm_registration as _timm_registration  # noqa: E402
+
+_timm_registration.install()  # timm.create_model("vitnas_subnet", ...) once timm is imported

@@ -182,7 +182,6 @@ class ArchConfig(_Serialisable):
         return [s.token_trace() for s in self.stages]
 
 
-
 def arch_problems(arch: ArchConfig) -> list[str]:
     """Every legality rule an architecture breaks, as messages naming the stage/cell."""
     problems: list[str] = []
@@ -291,9 +290,46 @@ class TimmArch(_Serialisable):
     image_size: int = Field(default=224, gt=0)
     num_classes: int = Field(default=1000, gt=1)
     schedule: dict = Field(default_factory=lambda: {"kind": "none"})
+    # more timm.create_model keywords (the space's model_args, e.g. patch_size for small images)
+    model_args: dict[str, int | float | bool | str] = Field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        data = super().to_dict()
+        if not data["model_args"]:
+            del data["model_args"]  # so architectures without them keep the hashes they always had
+        return data
 
 
-AnyArch = Annotated[ArchConfig | TimmArch, Field(discriminator="family")]
+class AdaptiveArch(_Serialisable):
+    """A timm ViT with AdaViT decisions at fixed budgets (``nas.families.adaptive``): ``usage``
+    holds the budget of each kind decided (patch, head, block); a kind left out is not decided."""
+
+    family: Literal["adaptive"] = "adaptive"
+    model: str
+    image_size: int = Field(default=224, gt=0)
+    num_classes: int = Field(default=1000, gt=1)
+    usage: dict[Literal["patch", "head", "block"], float] = Field(default_factory=dict)
+    head_mode: Literal["full", "partial"] = "full"
+    start: int = Field(default=1, ge=0)
+    model_args: dict[str, int | float | bool | str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _budgets(self) -> AdaptiveArch:
+        bad = {k: v for k, v in self.usage.items() if not 0 < v <= 1}
+        if bad:
+            raise ValueError(f"usage budgets must be in (0, 1], got {bad}")
+        # a budget of 1 decides nothing: left out, so equal models hash equally
+        order = ("patch", "head", "block")
+        object.__setattr__(self, "usage", {k: self.usage[k] for k in order if self.usage.get(k, 1) < 1})
+        return self
+
+    @property
+    def schedule(self) -> dict:
+        """What ``nas.ops.adavit_patch.apply`` takes."""
+        return {"kind": "adavit", "usage": dict(self.usage), "head_mode": self.head_mode, "start": self.start}
+
+
+AnyArch = Annotated[ArchConfig | TimmArch | AdaptiveArch, Field(discriminator="family")]
 _ANY = TypeAdapter(AnyArch)
 
 
@@ -360,7 +396,8 @@ def format_validation_error(err: ValidationError) -> str:
             o["loc"][: len(e["loc"])] == e["loc"] and o is not e for o in errors
         ):
             continue  # "at least 1 item after validation, not 0": only because an item below failed
-        loc = ".".join(_loc(p) for p in e["loc"] if p not in ("psvit", "timm")).replace(".[", "[")
+        tagged = e["loc"][1:] if e["loc"] and e["loc"][0] in ("psvit", "timm", "adaptive") else e["loc"]
+        loc = ".".join(_loc(p) for p in tagged).replace(".[", "[")  # without the union's family tag
         msg = e["msg"].removeprefix("Value error, ")
         got = "" if e["type"] in ("value_error", "missing") else f" (got {e.get('input')!r})"
         parts.append(f"{loc}: {msg}{got}" if loc else f"{msg}{got}")

@@ -16,6 +16,7 @@ EPILOG = """\
 typical session:
   vitnas space show psvit-digits                 # what a space holds
   vitnas train-supernet --space psvit-digits --data digits --epochs 30
+  vitnas rank-check --supernet vitnas-runs/supernet/psvit-digits --subnets 8 --epochs 10   # trust it?
   vitnas demo                                    # the whole pipeline on the embedded digits data
 
 Every command takes --help. Spaces are YAML files; the shipped ones can be named without a path.
@@ -273,6 +274,11 @@ def _search_command(sub) -> None:
     )
     p.add_argument("--cache-url", help="latency cache SQLAlchemy URL (default: sqlite file in the workspace)")
     p.add_argument(
+        "--heartbeat-s", type=positive_float, default=10.0, metavar="S",
+        help="workers sharing a PostgreSQL study (see docs/teams.md) mark their running trials alive every S "
+        "seconds; a trial silent for 3 x S is a dead worker's and is failed (default %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
         "--predictor",
         help="latency table from `vitnas latency-table build`: measure only promising candidates",
     )
@@ -367,8 +373,10 @@ def _search(args) -> int:
         weights=args.weights,
         eval_device=args.eval_device,
         val_subset=args.val_subset,
+        heartbeat_s=args.heartbeat_s,
     ).resolved()
-    with lock_for(config):  # a second process stops here, before loading the supernet
+    # a second process stops here, before loading the supernet (local workers on PostgreSQL share it)
+    with lock_for(config, shared=options is None):
         scorer = scorer_for(config, space)
         if options is not None:
             result = run_ray_campaign(config, space, scorer, options, progress=not args.quiet)
@@ -386,6 +394,11 @@ def _search(args) -> int:
             f"{', '.join(map(str, noisy))}): still spread after re-measuring; measure again on a quieter machine"
         )
     print(format_front(result.front, config.latency_budget_ms))
+    if scorer.weights_tag == "supernet_hash":  # how far the accuracies above rank as training would
+        from nas.ranking.record import find, trust_line
+
+        found = find(result.tracking_uri, scorer.weights_hash, [scorer.candidates.frozen, config.supernet])
+        print(trust_line(found, config.supernet))
     print(f'MLflow: {result.tracking_uri} (parent run {result.parent_run_id}; filter tags.pareto = "true")')
     return 0
 
@@ -419,6 +432,12 @@ def _pareto(args) -> int:
         print(json.dumps(rows, indent=2, default=str))
     else:
         print(format_front(rows, args.latency_budget_ms))
+        parent = campaign.parent_run()
+        from nas.ranking.record import campaign_line
+
+        line = campaign_line(uri, parent.data.tags, parent.data.params) if parent is not None else None
+        if line:
+            print(line)
     return 0
 
 
@@ -426,10 +445,11 @@ def _pareto(args) -> int:
 def _export_command(sub) -> None:
     p = sub.add_parser(
         "export",
-        help="export a trial to training: arch.yaml, weights.safetensors, train.yaml",
-        description="Write a searched architecture, its inherited weights and a training recipe into a folder.",
+        help="export a trial: arch.yaml, the weights scored, train.yaml (and model.onnx)",
+        description="Write a searched architecture, the weights the search scored it with (from the campaign's "
+        "frozen copy, hash verified), a training recipe and a README into a folder; --onnx adds model.onnx.",
         epilog="examples:\n  vitnas export --campaign demo-psvit-digits --trial 12 --out exported/\n"
-        "  vitnas export --run-id 3f2c... --out exported/",
+        "  vitnas export --run-id 3f2c... --out exported/ --onnx",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     which = p.add_mutually_exclusive_group(required=True)
@@ -440,6 +460,11 @@ def _export_command(sub) -> None:
     p.add_argument(
         "--epochs", type=positive_int, default=30, help="epochs in the written train.yaml (default %(default)s)"
     )
+    p.add_argument(
+        "--onnx", action="store_true",
+        help="also write model.onnx (opset 17, dynamic batch), checked against PyTorch with ONNX Runtime "
+        "(needs the onnx extra: pip install 'vitnas[onnx]')",
+    )  # fmt: skip
     _store_options(p)
     p.set_defaults(run=_export)
 
@@ -457,6 +482,7 @@ def _export(args) -> int:
         campaign=args.campaign,
         trial=args.trial,
         epochs=args.epochs,
+        onnx=args.onnx,
     )
     print(
         f"exported arch {result.arch_hash} (run {result.run_id}) to {result.out}: {', '.join(result.files)}"
@@ -575,7 +601,7 @@ def _demo(args) -> int:
 
 # -- vitnas profile / latency-table ---------------------------------------------------------------
 def _profile_command(sub) -> None:
-    from nas.hardware.profile import REDUCE_HELP
+    from nas.hardware.reduce_grammar import REDUCE_HELP
 
     p = sub.add_parser(
         "profile",
@@ -609,7 +635,8 @@ def _profile_command(sub) -> None:
 
 
 def _profile(args) -> int:
-    from nas.hardware.profile import load_model, parse_reduce, profile
+    from nas.hardware.profile import load_model, profile
+    from nas.hardware.reduce_grammar import parse_reduce
     from nas.hardware.target import Target
 
     if args.reduce:
@@ -627,7 +654,7 @@ def _profile(args) -> int:
 
 
 def _latency_table_command(sub) -> None:
-    from nas.hardware import latency_table as lt_defaults
+    from nas.hardware import table_defaults as lt_defaults
 
     lt = sub.add_parser(
         "latency-table",
@@ -715,6 +742,8 @@ def _dashboard(args) -> int:
 
 # -- vitnas finetune (timm spaces) -----------------------------------------------------------------
 def _finetune_command(sub) -> None:
+    from nas.adaptive_spec import SPEC_HELP as ADAPTIVE_HELP
+
     p = sub.add_parser(
         "finetune",
         help="fine-tune a timm space's model on your data (before a reduction-schedule search)",
@@ -724,10 +753,12 @@ def _finetune_command(sub) -> None:
             "scored with meaningful accuracy. Writes a safetensors file for vitnas search --weights."
         ),
         epilog="example:\n  vitnas finetune --space deit-reduction --data digits --epochs 3 --out vitnas-runs/deit-s.safetensors\n"
-        "  vitnas search --space deit-reduction --weights vitnas-runs/deit-s.safetensors --campaign deit-cpu --trials 24",
+        "  vitnas search --space deit-reduction --weights vitnas-runs/deit-s.safetensors --campaign deit-cpu --trials 24\n"
+        "  vitnas finetune --space adavit-deit --init vitnas-runs/deit-s.safetensors --adaptive --out vitnas-runs/adavit.safetensors\n\n"
+        f"--adaptive grammar:\n{ADAPTIVE_HELP}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--space", required=True, help="search-space YAML file or shipped space name (timm family)")
+    p.add_argument("--space", required=True, help="search-space YAML file or shipped space name (timm or adaptive family)")
     p.add_argument("--out", required=True, help="the .safetensors file to write")
     p.add_argument("--data", default="digits", help=DATA_HELP)
     p.add_argument("--init", help="start from these weights (.safetensors; default: the space's weights:, else scratch)")
@@ -736,6 +767,15 @@ def _finetune_command(sub) -> None:
     p.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate (default %(default)s)")
     p.add_argument("--aug", default="light", help="augmentation preset: none, light or deit (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="default %(default)s")
+    ada = p.add_argument_group("AdaViT (input-adaptive patches, heads and sub-layers; grammar below)")
+    ada.add_argument(
+        "--adaptive", metavar="SPEC", nargs="?", const="space",
+        help="train AdaViT decision networks at these budgets (alone: an adaptive space's own ranges)",
+    )  # fmt: skip
+    ada.add_argument("--train-backbone", action="store_true", help="train the backbone too (default: decision networks only)")
+    ada.add_argument("--resume", action="store_true", help="continue the training state beside --out (OUT.train/)")
+    ada.add_argument("--force", action="store_true", help="start over even if a training state is beside --out")
+    ada.add_argument("--tracking-uri", help="log the run to MLflow here (default: $MLFLOW_TRACKING_URI if set, else no logging)")
     _runtime_options(p, plain=True)
     _quiet_option(p)
     p.set_defaults(run=_finetune)
@@ -749,13 +789,28 @@ def _finetune(args) -> int:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, aug=args.aug, **_runtime(args)
     )
     space = load_space(args.space)
+    adaptive = {}
+    if args.adaptive is not None:
+        from nas.adaptive_spec import parse_adaptive
+
+        adaptive = dict(
+            adaptive=parse_adaptive(args.adaptive), train_backbone=args.train_backbone, resume=args.resume,
+            force=args.force, tracking_uri=args.tracking_uri,
+        )  # fmt: skip
+    elif args.train_backbone or args.resume or args.force or args.tracking_uri:
+        raise UserError("--train-backbone, --resume, --force and --tracking-uri go with --adaptive")
     outcome = finetune(
-        space, args.out, data=args.data, config=config, init=args.init, device=args.device, progress=not args.quiet
-    )
+        space, args.out, data=args.data, config=config, init=args.init, device=args.device, progress=not args.quiet,
+        **adaptive,
+    )  # fmt: skip
     if outcome is None:  # a torchrun process other than rank 0
         return 0
     print(f"validation accuracy {outcome.val_accuracy:.4f}; weights {outcome.weights}")
-    print(f"next: vitnas search --space {args.space} --weights {outcome.weights} --data {args.data} --campaign NAME")
+    if space.family == "adaptive" and not adaptive:  # a backbone: its decision networks come next
+        print(f"next: vitnas finetune --space {args.space} --init {outcome.weights} --adaptive --out ADAVIT.safetensors")
+        return 0
+    space_arg = args.space if space.family == "adaptive" or not adaptive else "ADAPTIVE-SPACE (family: adaptive)"
+    print(f"next: vitnas search --space {space_arg} --weights {outcome.weights} --data {args.data} --campaign NAME")
     return 0
 
 
@@ -794,6 +849,33 @@ def _train_supernet_command(sub) -> None:
     p.add_argument("--force", action="store_true", help="start over even if the workspace holds a checkpoint")
     p.add_argument("--tracking-uri", help="log the run to MLflow here (default: $MLFLOW_TRACKING_URI if set, else no logging)")
     _runtime_options(p, plain=False)
+    levers = p.add_argument_group(
+        "sandwich levers (their effect on ranking trust: benchmarks/results/supernet_ranking.json; "
+        "measure yours with vitnas rank-check)"
+    )
+    levers.add_argument(
+        "--random-subnets", type=nonnegative_int, default=d.random_subnets,
+        help="random subnets per step besides the largest and smallest (default %(default)s)",
+    )  # fmt: skip
+    levers.add_argument(
+        "--sampling", default=d.sampling,
+        help="uniform: each choice drawn afresh; fair: each choice's options dealt from a shuffled deck, "
+        "trained equally often (FairNAS) (default %(default)s)",
+    )  # fmt: skip
+    levers.add_argument(
+        "--distill", default=d.distill,
+        help="largest: smaller subnets learn from the largest's predictions too (in-place distillation); "
+        "none: labels only (default %(default)s)",
+    )  # fmt: skip
+    levers.add_argument(
+        "--progressive-epochs", type=nonnegative_float, default=d.progressive_epochs, metavar="N",
+        help="progressive shrinking: over the first N epochs the size choices open from the largest down "
+        "(default %(default)s: off)",
+    )  # fmt: skip
+    levers.add_argument(
+        "--pin", default=d.pin, metavar="CHOICE=KIND",
+        help="train one few-shot sub-supernet: only subnets with this kind, e.g. s1.pool=tome (default: all)",
+    )  # fmt: skip
     ray = p.add_argument_group("Ray cluster (--backend ray)")
     ray.add_argument(
         "--backend", default="local",
@@ -815,8 +897,10 @@ def _train_supernet(args) -> int:
     from nas.training.config import TrainConfig
 
     config = TrainConfig(
-        epochs=args.epochs, seed=args.seed, batch_size=args.batch_size, lr=args.lr, aug=args.aug, **_runtime(args)
-    )
+        epochs=args.epochs, seed=args.seed, batch_size=args.batch_size, lr=args.lr, aug=args.aug, **_runtime(args),
+        random_subnets=args.random_subnets, sampling=args.sampling, distill=args.distill,
+        progressive_epochs=args.progressive_epochs, pin=args.pin,
+    )  # fmt: skip
     common = dict(resume=args.resume, force=args.force, tracking_uri=args.tracking_uri, progress=not args.quiet)
     if args.backend == "ray":
         from nas.training.ray_train import RayTrainOptions, train_supernet_on_ray
@@ -832,9 +916,118 @@ def _train_supernet(args) -> int:
     return 0
 
 
+# -- vitnas rank-check ------------------------------------------------------------------------------
+RANK_CHECK_EPILOG = """\
+what it does:
+  1. picks subnets spread over the space: evenly over FLOPs, covering every attention, pooling and
+     reduction kind (seeded: --pick-seed), or the Pareto fronts of --campaign NAME
+  2. trains each from scratch --seeds times through the training loop; with in-memory data (digits)
+     run r trains on 4/5 of the train+validation pool and is tested on the other fifth (fold r mod
+     --folds), so more images score each subnet; the test split is never used
+  3. scores each with the weights it inherits from the supernet on the validation split, as search does
+  4. reports Kendall tau, Spearman rho and top-k overlap with bootstrap intervals (over subnets, seeds
+     and test images) and writes them into the checkpoint's sidecar and MLflow, where vitnas search,
+     vitnas pareto and the dashboard show them
+
+Every finished stand-alone run is cached under WORKSPACE/rank-check/standalone/ by (architecture, data,
+held-out part, recipe, seed): run the same command again to resume, and a check of another supernet of
+the same space reuses the runs.
+
+examples:
+  vitnas rank-check --supernet vitnas-runs/supernet/psvit-digits --subnets 8 --epochs 10
+  vitnas rank-check --supernet CKPT --subnets 20 --epochs 25 --seeds 2        # the benchmark's setting
+  vitnas rank-check --supernet CKPT --campaign digits-cpu                   # the front you searched
+  torchrun --standalone --nproc_per_node 8 -m nas rank-check --supernet CKPT --device cuda
+"""
+
+
+def _rank_check_command(sub) -> None:
+    p = sub.add_parser(
+        "rank-check",
+        help="measure how well a supernet ranks subnets (train some from scratch and compare)",
+        description="How far can you trust a search on this supernet? Trains a spread of subnets from scratch "
+        "and compares their accuracy with the accuracy their inherited weights give: the agreement of the two "
+        "rankings, with 90 % bootstrap intervals.",
+        epilog=RANK_CHECK_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--supernet", required=True, action="append", metavar="CKPT",
+        help="the supernet checkpoint (its folder, supernet.json or supernet.safetensors); repeat it for the "
+        "sub-supernets of a few-shot split (each trained with a pin)",
+    )  # fmt: skip
+    p.add_argument("--subnets", type=_whole(3), default=20, help="subnets compared (default %(default)s)")
+    p.add_argument("--epochs", type=positive_int, default=25, help="stand-alone training epochs (default %(default)s)")
+    p.add_argument(
+        "--seeds", type=positive_int, default=2,
+        help="stand-alone runs per subnet, averaged; each has its own seed and held-out fold (default %(default)s)",
+    )  # fmt: skip
+    p.add_argument("--data", help="data spec (default: the data the supernet was trained on)")
+    p.add_argument(
+        "--holdout", default="auto", choices=("auto", "cv", "val"),
+        help="where stand-alone runs are tested: cv (folds of train+validation), val (train on train, test on "
+        "validation) or auto: cv for in-memory data, val for data on disk (default %(default)s)",
+    )  # fmt: skip
+    p.add_argument("--folds", type=_whole(2), default=5, help="cross-validation folds (default %(default)s)")
+    p.add_argument("--top-k", type=positive_int, default=5, help="k of the top-k overlap (default %(default)s)")
+    p.add_argument(
+        "--campaign", action="append", default=[], metavar="NAME",
+        help="compare the Pareto-front trials of this campaign instead of a spread (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--pick-seed", type=int, default=0, help="seed of the spread of subnets (default %(default)s)")
+    p.add_argument("--pool", type=positive_int, help="random members the spread is picked from (default: 6 per subnet)")
+    p.add_argument(
+        "--workers", type=nonnegative_int, default=0,
+        help="CPU only: stand-alone runs side by side, each a process with its share of the threads "
+        "(default 0: one per core, up to 4)",
+    )  # fmt: skip
+    p.add_argument(
+        "--workspace",
+        help="where the stand-alone cache and the MLflow store are (default: the checkpoint's workspace)",
+    )
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the workspace's sqlite file)")
+    p.add_argument("--cache", help="folder of cached stand-alone runs (default WORKSPACE/rank-check/standalone)")
+    p.add_argument(
+        "--device", default="auto",
+        help="auto (CUDA when present), cpu, cuda or cuda:N; under torchrun each process takes its GPU",
+    )  # fmt: skip
+    p.add_argument("--precision", default="fp32", help="fp32, bf16 or fp16 (CUDA) (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    _quiet_option(p)
+    p.set_defaults(run=_rank_check)
+
+
+def _rank_check(args) -> int:
+    from nas.ranking.check import RankCheckConfig, format_result, format_subnets, rank_check
+
+    config = RankCheckConfig(
+        subnets=args.subnets, epochs=args.epochs, seeds=args.seeds, holdout=args.holdout, folds=args.folds,
+        pick_seed=args.pick_seed, pool=args.pool, top_k=args.top_k, campaigns=tuple(args.campaign), data=args.data,
+        workers=args.workers, device=args.device, precision=args.precision,
+    )  # fmt: skip
+    result = rank_check(
+        args.supernet if len(args.supernet) > 1 else args.supernet[0], config, workspace=args.workspace,
+        tracking_uri=args.tracking_uri, cache=args.cache, progress=not args.quiet,
+        log=(lambda line: print(line, file=sys.stderr)) if args.json else print,  # stdout: the JSON alone
+    )  # fmt: skip
+    if result is None:  # a torchrun process other than rank 0
+        return 0
+    if args.json:
+        print(json.dumps(result.ranking, indent=2))
+        return 0
+    print(format_subnets(result.ranking))
+    print(format_result(result.ranking))
+    print(
+        f"{result.trained_now} stand-alone run(s) trained now, {result.reused} reused; {result.wall_s:.0f} s. "
+        f"Written to {', '.join(map(str, result.sidecars))} and MLflow run {result.run_id}"
+    )
+    return 0
+
+
 COMMANDS: list[Callable] = [  # in the order a user meets them
     _space_commands,
     _train_supernet_command,
+    _rank_check_command,
     _finetune_command,
     _search_command,
     _pareto_command,

@@ -100,6 +100,10 @@ class Splits:
     indices: dict[str, list[int]] | None = None
     in_chans: int = 3
     val_subset: int | None = None
+    # per channel, what images in [0, 1] were normalised with: a model trained on them expects it
+    # (timm's pretrained_cfg mean/std, written into exported weights)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
 
     def labels(self, split: str) -> list[int]:
         """The class of every item of `split` ("train", "val" or "test"), without loading any image."""
@@ -235,7 +239,8 @@ def _load_digits(spec: DataSpec, image_size: int) -> Splits:
     labels = torch.from_numpy(digits.target.astype(np.int64))
     train, val, test = stratified_split(labels.tolist(), spec.seed, SPLIT_FRACTIONS)
     train_pixels = grey[train]
-    grey = (grey - train_pixels.mean()) / train_pixels.std()
+    mean, std = train_pixels.mean(), train_pixels.std()
+    grey = (grey - mean) / std
 
     def part(idx: list[int]) -> TensorDataset:
         # expand, not repeat: three channels that share one grey plane's memory
@@ -248,6 +253,8 @@ def _load_digits(spec: DataSpec, image_size: int) -> Splits:
         num_classes=10,
         spec=spec,
         indices={"train": train, "val": val, "test": test},
+        mean=(float(mean),) * 3,
+        std=(float(std),) * 3,
     )
 
 
@@ -369,6 +376,8 @@ def _load_cifar(spec: DataSpec, image_size: int, aug: str) -> Splits:
         num_classes=10 if spec.kind == "cifar10" else 100,
         spec=spec,
         indices={"train": train, "val": val},
+        mean=mean,
+        std=std,
     )
 
 

@@ -2,8 +2,9 @@
 
 ``UserError`` is raised by vitnas itself for bad input. ``failure_line`` also turns failures of
 the machine rather than of vitnas (a read-only or full disk, a path through a file, a database
-that cannot be opened, a weights file that is not safetensors) into one line; anything else is a
-bug and keeps its traceback. Imports stay light: the CLI reads this before anything heavy loads.
+that cannot be opened or reached, a tracking server that does not answer, a weights file that is
+not safetensors) into one line; anything else is a bug and keeps its traceback. Imports stay
+light: the CLI reads this before anything heavy loads.
 """
 
 from __future__ import annotations
@@ -74,6 +75,11 @@ def _known(err: BaseException, where: str | None) -> str | None:
     kind = type(err)
     if kind.__name__ == "SafetensorError":  # safetensors' one error class (header, offsets, I/O)
         return f"{where + ': ' if where else ''}not a readable safetensors file ({one_line(err)})"
+    if kind.__name__ in ("MlflowException", "RestException"):
+        from nas.retry import describe, is_transient
+
+        if is_transient(err):  # a tracking server that went away or keeps failing, not a bug of vitnas
+            return f"MLflow{' at ' + where if where else ''}: {describe(err)}"
     if kind.__name__ == "OperationalError" and kind.__module__.startswith(("sqlalchemy", "sqlite3")):
         # the database could not be used (opened, written, reached), not a wrong query of vitnas's
         orig = getattr(err, "orig", None) or err

@@ -1,11 +1,13 @@
-"""Export a searched architecture to training: ``arch.yaml``, ``weights.safetensors``, ``train.yaml``.
+"""Export a searched architecture: ``arch.yaml``, the weights scored, ``train.yaml`` (and ``model.onnx``).
 
 The trial is found in MLflow (by run id, or by campaign and trial number); its ``arch.yaml``
-artifact is the architecture, and the campaign's parent run says which space and supernet
-checkpoint it came from, so the weights written are the ones the search evaluated: the
-checkpoint's hash must be the one the campaign recorded (``supernet_hash``), and the hash of the
-weights written goes into ``train.yaml`` for ``vitnas train`` to verify. Export only reads the
-store: a missing store, campaign or run is a one-line error, and nothing is created in it.
+artifact is the architecture, and the campaign's parent run records the weights it was scored
+with: their hash and the frozen copy the campaign made under its workspace. The architecture's
+family (``nas.families``) writes the weights from that copy, refusing any file whose hash is not
+the one recorded, so the weights exported are the weights scored, whatever training did to the
+checkpoint since. The hash of the weights written goes into ``train.yaml`` for ``vitnas train``
+to verify. Export only reads the store: a missing store, campaign or run is a one-line error, and
+nothing is created in it.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ from pathlib import Path
 import yaml
 from mlflow.exceptions import MlflowException
 
-from nas.arch import ArchConfig, load_arch
+from nas.arch import load_arch
 from nas.errors import UserError
-from nas.space import load_space
+from nas.families import family_of
+from nas.names import ACCURACY, CAMPAIGN, LATENCY, ROLE, TRIAL_NUMBER
 from nas.tracking import Campaign, connect
-from nas.weights import file_hash, save_weights
 
 README = """# {name}
 
@@ -29,11 +31,9 @@ Architecture {arch_hash} from campaign `{campaign}`, trial {trial} (MLflow run `
 
 | file | what it is |
 |---|---|
-| `arch.yaml` | the architecture |
-| `weights.safetensors` | weights inherited from the supernet ({weights_note}) |
-| `train.yaml` | a training recipe for `vitnas train` |
+{files}
 
-Train it (from scratch with `init: scratch`, or fine-tune the inherited weights with `init: inherited`):
+Train it (from scratch with `init: scratch`, or fine-tune the exported weights with `init: inherited`):
 
 ```bash
 vitnas train {out}/train.yaml
@@ -42,13 +42,18 @@ vitnas train {out}/train.yaml
 Use it in your own code:
 
 ```python
-import nas, timm
-model = timm.create_model("vitnas_subnet", arch="{out}/arch.yaml",
-                          pretrained_file="{out}/weights.safetensors")
+{usage}
 ```
 
-Validation accuracy with inherited weights: {accuracy}; latency {latency} ms on `{target}`.
+Validation accuracy with these weights: {accuracy}; latency {latency} ms on `{target}`.
 """
+
+FILE_ROLES = {
+    "arch.yaml": "the architecture",
+    "weights.safetensors": "the weights the search scored ({note})",
+    "model.onnx": "the model in ONNX (opset {opset}, dynamic batch), checked against PyTorch with ONNX Runtime",
+    "train.yaml": "a training recipe for `vitnas train`",
+}
 
 
 @dataclass
@@ -67,8 +72,9 @@ def export_trial(
     campaign: str | None = None,
     trial: int | None = None,
     epochs: int = 30,
+    onnx: bool = False,
 ) -> ExportResult:
-    """Write the trial's architecture, inherited weights, training recipe and a README into ``out``."""
+    """Write the trial's architecture, weights, training recipe, a README (and ``model.onnx``) into ``out``."""
     if epochs < 1:
         raise UserError(f"--epochs {epochs}: must be at least 1 (a whole number)")
     client = connect(tracking_uri, read_only=True)
@@ -81,7 +87,7 @@ def export_trial(
         run_id = found.trial_run_id(trial)
     run = _get_run(client, tracking_uri, run_id)
     parent_id = run.data.tags.get("mlflow.parentRunId")
-    if run.data.tags.get("vitnas.role") != "trial" or not parent_id:
+    if run.data.tags.get(ROLE) != "trial" or not parent_id:
         raise UserError(f"run {run_id} is not a vitnas trial run")
     parent = _get_run(client, tracking_uri, parent_id)
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,45 +95,58 @@ def export_trial(
             arch = load_arch(client.download_artifacts(run_id, "arch.yaml", tmp))
         except (MlflowException, OSError) as err:
             raise UserError(f"run {run_id}: cannot read its arch.yaml artifact ({err})") from None
+    family = family_of(arch)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "arch.yaml").write_text(arch.to_yaml())
-    files = ["arch.yaml"]
-    data = parent.data.params.get("data") or "digits"
-    weights_hash = None
-    if isinstance(arch, ArchConfig):
-        scored = run.data.tags.get("supernet_hash") or parent.data.tags.get("supernet_hash")
-        weights_note = _export_supernet_weights(parent.data.params, arch, out, scored)
-        files.append("weights.safetensors")
-        weights_hash = file_hash(out / "weights.safetensors")
-    else:
-        weights_note = "the timm model's own weights file, see the space"
+    record = {"params": parent.data.params, "tags": parent.data.tags, "trial_tags": run.data.tags}
+    weights = family.export_weights(arch, record, out)
+    files = ["arch.yaml", *weights.files]
+    opset = None
+    if onnx:
+        opset = _export_onnx(family, arch, out, weights.files)
+        files.append("model.onnx")
     recipe = train_recipe(
-        weights="weights.safetensors" if "weights.safetensors" in files else None,
-        data=data,
+        weights=weights.files[0] if weights.files else None,
+        data=parent.data.params.get("data") or "digits",
         epochs=epochs,
         tracking_uri=tracking_uri,
         source_run_id=run_id,
-        weights_hash=weights_hash,
+        weights_hash=weights.weights_hash,
     )
     (out / "train.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    files.append("train.yaml")
     metrics = run.data.metrics
+    roles = "\n".join(f"| `{f}` | {FILE_ROLES[f].format(note=weights.note, opset=opset)} |" for f in files)
     (out / "README.md").write_text(
         README.format(
             name=out.name,
             arch_hash=arch.arch_hash(),
-            campaign=run.data.tags.get("vitnas.campaign"),
-            trial=run.data.tags.get("trial_number"),
+            campaign=run.data.tags.get(CAMPAIGN),
+            trial=run.data.tags.get(TRIAL_NUMBER),
             run_id=run_id,
             out=out,
-            weights_note=weights_note,
-            accuracy=f"{metrics.get('val_accuracy', float('nan')):.4f}",
-            latency=f"{metrics.get('latency_ms', float('nan')):.3f}",
+            files=roles,
+            usage=weights.usage,
+            accuracy=f"{metrics.get(ACCURACY, float('nan')):.4f}",
+            latency=f"{metrics.get(LATENCY, float('nan')):.3f}",
             target=parent.data.params.get("target"),
         )
     )
-    files += ["train.yaml", "README.md"]
+    files.append("README.md")
     return ExportResult(out=out, run_id=run_id, arch_hash=arch.arch_hash(), files=files)
+
+
+def _export_onnx(family, arch, out: Path, weight_files: list[str]) -> int:
+    """``model.onnx`` of the exported model (with the exported weights), checked against PyTorch."""
+    from nas.onnx_export import export_onnx
+    from nas.weights import load_weights
+
+    model = family.build(arch)
+    if weight_files:
+        load_weights(model, out / weight_files[0])
+    check = export_onnx(model.eval(), out / "model.onnx", input_shape=family.input_chw(arch))
+    return check.opset
 
 
 def _get_run(client, tracking_uri: str, run_id: str):
@@ -139,27 +158,13 @@ def _get_run(client, tracking_uri: str, run_id: str):
         raise
 
 
-def _export_supernet_weights(params: dict, arch: ArchConfig, out: Path, scored_hash: str | None) -> str:
-    """Extract ``arch`` from the campaign's checkpoint, refusing one that is not what was scored."""
-    from nas.supernet import load_checkpoint
-
-    checkpoint = params.get("supernet")
-    if not checkpoint or checkpoint == "None":
-        raise UserError("the campaign's parent run names no supernet checkpoint")
-    space = load_space(params["space_file"])
-    net, meta = load_checkpoint(checkpoint, space)  # verifies the file against its sidecar's hash
-    if scored_hash and meta.get("weights_hash") and meta["weights_hash"] != scored_hash:
-        raise UserError(
-            f"{checkpoint}: checkpoint hash {meta['weights_hash']} is not {scored_hash}, the one the campaign "
-            "scored this trial with (trained further or replaced since?): the exported weights would not be "
-            "the weights scored"
-        )
-    save_weights(net.extract(arch), out / "weights.safetensors", metadata={"arch_hash": arch.arch_hash()})
-    return f"checkpoint {Path(checkpoint).name}, epoch {meta.get('epoch')}"
-
-
 def train_recipe(
-    *, weights: str | None, data: str, epochs: int, tracking_uri: str | None, source_run_id: str | None,
+    *,
+    weights: str | None,
+    data: str,
+    epochs: int,
+    tracking_uri: str | None,
+    source_run_id: str | None,
     weights_hash: str | None = None,
 ) -> dict:
     """The default ``train.yaml``: fine-tune inherited weights when there are any (``weights_hash``:

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nas.data import load_splits
-from nas.errors import UserError
 from nas.evaluation import classification_accuracy
+from nas.families import require
+from nas.families.timm import base_model
 from nas.space import SearchSpace
-from nas.timm_base import timm_base_model
 from nas.training import distributed
 from nas.training.classifier import train_classifier
 from nas.training.config import TrainConfig
@@ -41,15 +41,31 @@ def finetune(
     init: str | Path | None = None,
     device: str = "auto",
     progress: bool = True,
+    adaptive=None,
+    **adaptive_options,
 ) -> FinetuneOutcome | None:
     """Train the space's model (starting from ``init`` or the space's weights) and save it to ``out``.
 
     The validation split is the one ``vitnas search --data`` scores on, and is never trained on.
     Runs in this process or as one of torchrun's; rank 0 writes (the others return None).
+    ``adaptive`` (a ``nas.adaptive_spec.AdaptiveSpec``) trains AdaViT's decision networks instead,
+    with ``adaptive_options`` (``train_backbone``, ``resume``, ``force``, ``tracking_uri``); without
+    it an adaptive space's backbone is trained (from ``init`` or scratch), as a timm space's model.
     """
-    if space.family != "timm":
-        raise UserError(f"space {space.name} is a supernet space: train it with vitnas train-supernet")
-    model = timm_base_model(space, init)
+    if adaptive is not None:
+        from nas.adaptive_finetune import adaptive_finetune
+
+        return adaptive_finetune(
+            space, out, adaptive, data=data, config=config, init=init, device=device, progress=progress,
+            **adaptive_options,
+        )  # fmt: skip
+    if space.family == "adaptive":
+        from nas.families.adaptive import backbone_model
+
+        model = backbone_model(space, init)
+    else:
+        require(space, "timm", "vitnas finetune (train a psvit space's supernet with vitnas train-supernet)")
+        model = base_model(space, init)
     splits = load_splits(data, space.spec.image_size, aug=config.aug)
     world = distributed.start(device, config.precision)
     try:

@@ -13,6 +13,8 @@ from pathlib import Path
 import plotly.graph_objects as go
 from matplotlib.figure import Figure
 
+from nas.names import ACCURACY, LATENCY
+
 
 def _plotted(rows: list[dict], acc_key: str, lat_key: str) -> tuple[list[dict], list[dict], dict | None]:
     """(all plottable rows, the front by latency, the best row under the budget)."""
@@ -27,7 +29,7 @@ def _number(value) -> bool:
 
 
 def pareto_figure(
-    rows: list[dict], budget_ms: float | None, acc_key: str = "val_accuracy", lat_key: str = "latency_ms"
+    rows: list[dict], budget_ms: float | None, acc_key: str = ACCURACY, lat_key: str = LATENCY
 ) -> go.Figure:
     """Every trial as a point (hover: trial, arch hash, accuracy, latency, GFLOPs), the front as a
     staircase, the budget as a vertical line."""
@@ -103,8 +105,8 @@ def pareto_html(
     rows: list[dict],
     budget_ms: float | None,
     path: str | Path,
-    acc_key: str = "val_accuracy",
-    lat_key: str = "latency_ms",
+    acc_key: str = ACCURACY,
+    lat_key: str = LATENCY,
 ) -> None:
     """A self-contained HTML page: plotly.js inline (a few MB), no CDN, works offline."""
     pareto_figure(rows, budget_ms, acc_key, lat_key).write_html(
@@ -116,8 +118,8 @@ def pareto_png(
     rows: list[dict],
     budget_ms: float | None,
     path: str | Path,
-    acc_key: str = "val_accuracy",
-    lat_key: str = "latency_ms",
+    acc_key: str = ACCURACY,
+    lat_key: str = LATENCY,
 ) -> None:
     """The same figure, static, with matplotlib's Agg canvas (no pyplot, no global backend change)."""
     ok, front, best = _plotted(rows, acc_key, lat_key)

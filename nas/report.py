@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from nas.arch import ArchConfig, TimmArch
-
 
 def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
     """Left-aligned text table; numbers right-aligned."""
@@ -32,56 +30,21 @@ def _cell(value) -> str:
     return str(value)
 
 
-def format_arch(arch: ArchConfig | TimmArch) -> str:
-    """One row per stage: tokens through the stage, dims, cells and reduction."""
-    if isinstance(arch, TimmArch):
-        return f"{arch.model} @ {arch.image_size}px, schedule {arch.schedule}"
-    rows = []
-    for i, (st, trace) in enumerate(zip(arch.stages, arch.token_trace())):
-        red = st.reduction
-        detail = {
-            "tome": f"r={list(red.r)}",
-            "evit": f"keep={red.keep_rate} at {list(red.at)}",
-            "cluster": f"{red.method} keep={red.keep_rate} at {list(red.at)}",
-        }.get(red.kind, "")
-        rows.append(
-            {
-                "stage": i,
-                "pool": st.pool or "patch",
-                "tokens": "->".join(map(str, [st.tokens, *trace])),
-                "dim": st.dim,
-                "heads": st.heads,
-                "mlp": st.mlp_ratio,
-                "attention": st.attention,
-                "cells": " ".join(st.cells),
-                "reduction": f"{red.kind} {detail}".strip(),
-            }
-        )
-    head = (
-        f"{arch.image_size}px, patch {arch.patch_size}, {arch.num_classes} classes, hash {arch.arch_hash()}"
-    )
-    return head + "\n" + format_table(rows)
+def format_arch(arch) -> str:
+    """The architecture as its family describes it (for psvit, one row per stage)."""
+    from nas.families import family_of
+
+    return family_of(arch).describe_arch(arch)
 
 
 def format_space(space, largest, smallest) -> str:
+    from nas.families import family_of
+
     lines = [f"space {space.name} ({space.family}) from {space.source}"]
     if space.spec.description:
         lines.append(space.spec.description)
-    lines.append(f"members: {space.count():,}")
-    lines.append("")
-    lines.append("choices:")
-    spec = space.describe()
-    if space.family == "psvit":
-        lines.append(
-            f"  image {spec['image_size']}px, patch {spec['patch_size']}, {spec['num_classes']} classes"
-        )
-        for i, st in enumerate(spec["stages"]):
-            lines.append(f"  stage {i}:")
-            for key, value in st.items():
-                lines.append(f"    {key:<10} {value}")
-    else:
-        for key, value in spec.items():
-            lines.append(f"  {key:<12} {value}")
+    lines += [f"members: {space.count():,}", "", "choices:"]
+    lines += family_of(space).describe_choices(space.describe())
     lines += ["", "largest:", format_arch(largest), "", "smallest:", format_arch(smallest)]
     return "\n".join(lines)
 

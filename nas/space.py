@@ -1,20 +1,14 @@
-"""Search spaces: the YAML schema, validation, and drawing architectures from it.
+"""Search spaces: the YAML schema, validation, loading, and the ``Chooser`` protocol of drawing.
 
-A space lists choices; a *draw* turns a sequence of choices into a legal ``ArchConfig``.
-Every way of drawing (an Optuna trial, a seeded random generator, the largest or smallest
-member) goes through the same ``Chooser`` protocol and the same derivation, so every drawn
-architecture obeys the rules of ``nas.arch`` by construction:
-
-- the first cell of a stage is always ``basic``; cells past the drawn depth are ``identity``;
-- a stage with linear attention draws its cells and reductions from lists without ``share``
-  and ``evit`` (conditional parameters under other names, so Optuna sees consistent choices);
-- a reduction is applied only where it is legal: never right before a ``share`` cell, never
-  below the tokens the next stage takes, never more merges than bipartite matching allows.
+A space lists choices; a *draw* turns a sequence of choices into a legal architecture. Every way
+of drawing (an Optuna trial, a seeded random generator, the largest or smallest member) goes
+through the same ``Chooser`` protocol and the same derivation, which each family defines
+(``nas.families.psvit``, ``nas.families.timm``), so every drawn architecture obeys the rules of
+``nas.arch`` by construction.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import itertools
 import json
@@ -40,13 +34,10 @@ from nas.arch import (
     AttentionKind,
     ClusterMethod,
     PoolKind,
-    Reduction,
     ReductionKind,
-    StageConfig,
     TimmArch,
     format_validation_error,
     is_square,
-    tome_max_r,
     yaml_error,
 )
 from nas.errors import UserError
@@ -316,9 +307,54 @@ class TimmSpace(_Strict):
         return self
 
 
+class AdaptiveChoices(_Strict):
+    """AdaViT budgets to search, per kind (1.0: that kind is not decided), and the fixed settings
+    the decision networks were trained with."""
+
+    patch: tuple[float, ...] = (1.0,)
+    head: tuple[float, ...] = (1.0,)
+    block: tuple[float, ...] = (1.0,)
+    head_mode: Literal["full", "partial"] = "full"
+    start: int = Field(default=1, ge=0)
+
+    _unique = field_validator("patch", "head", "block")(_unique_nonempty)
+
+    @field_validator("patch", "head", "block")
+    @classmethod
+    def _budgets(cls, values: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0 < v <= 1 for v in values):
+            raise ValueError(f"budgets must be in (0, 1] (1: not decided), got {list(values)}")
+        return values
+
+
+class AdaptiveSpace(_Strict):
+    """AdaViT budgets over an existing timm ViT (``family: adaptive``, ``nas.families.adaptive``)."""
+
+    name: str
+    family: Literal["adaptive"]
+    description: str = ""
+    model: str
+    depth: int = Field(gt=0, description="blocks in the model")
+    image_size: int = Field(default=224, gt=0)
+    num_classes: int = Field(default=1000, gt=1)
+    weights: str | None = None  # backbone + decision networks, from vitnas finetune --adaptive
+    model_args: dict[str, int | float | bool | str] = Field(default_factory=dict)
+    adavit: AdaptiveChoices = AdaptiveChoices()
+
+    @model_validator(mode="after")
+    def _start_inside(self) -> AdaptiveSpace:
+        if self.adavit.start >= self.depth:
+            raise ValueError(f"adavit.start {self.adavit.start} is not a block of 0..{self.depth - 1}")
+        return self
+
+
 # ---------------------------------------------------------------------------------------
+_SCHEMAS = {"psvit": PsvitSpace, "timm": TimmSpace, "adaptive": AdaptiveSpace}
+
+
 class SearchSpace:
-    """A validated space with everything a campaign asks of it."""
+    """A validated space with everything a campaign asks of it (the family-specific parts through
+    ``nas.families``)."""
 
     def __init__(self, spec: PsvitSpace | TimmSpace, source: str = "<memory>"):
         self.spec, self.source = spec, source
@@ -333,9 +369,7 @@ class SearchSpace:
 
     # -- drawing -------------------------------------------------------------------------
     def draw(self, chooser: Chooser) -> ArchConfig | TimmArch:
-        if isinstance(self.spec, TimmSpace):
-            return _draw_timm(self.spec, chooser)
-        return _draw_psvit(self.spec, chooser)
+        return _family(self).draw(self.spec, chooser)
 
     def from_trial(self, trial) -> ArchConfig | TimmArch:
         return self.draw(OptunaChooser(trial))
@@ -354,15 +388,11 @@ class SearchSpace:
 
     # -- membership and size ---------------------------------------------------------------
     def contains(self, arch: ArchConfig | TimmArch) -> bool:
-        if isinstance(self.spec, TimmSpace):
-            return isinstance(arch, TimmArch) and arch.to_json() in _timm_members(self.spec)
-        return isinstance(arch, ArchConfig) and _psvit_contains(self.spec, arch)
+        return arch.family == self.family and _family(self).contains(self.spec, arch)
 
     def count(self) -> int:
         """Distinct architectures in the space (different draws may give the same one)."""
-        if isinstance(self.spec, TimmSpace):
-            return len(_timm_members(self.spec))
-        return _psvit_count(self.spec)
+        return _family(self).count(self.spec)
 
     def content_hash(self) -> str:
         """16 hex digits over the validated choices: equal for equal spaces, whatever the file
@@ -374,6 +404,13 @@ class SearchSpace:
     def describe(self) -> dict[str, Any]:
         """The choices as plain data, for ``vitnas space show``."""
         return self.spec.model_dump(mode="json", exclude_none=True)
+
+
+def _family(space: SearchSpace):
+    """The ``nas.families`` member that draws, counts, builds and exports the space's architectures."""
+    from nas.families import family_of
+
+    return family_of(space)
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -397,7 +434,9 @@ def load_space(path: str | Path) -> SearchSpace:
 def space_from_dict(data: Any, source: str = "<memory>") -> SearchSpace:
     if not isinstance(data, dict):
         raise UserError(f"{source}: a search space is a mapping of fields, got {type(data).__name__}")
-    model = TimmSpace if data.get("family") == "timm" else PsvitSpace
+    model = _SCHEMAS.get(
+        data.get("family", "psvit"), PsvitSpace
+    )  # an unknown family fails PsvitSpace's check
     try:
         return SearchSpace(model.model_validate(data), source)
     except ValidationError as err:
@@ -421,7 +460,7 @@ def _searchspaces_dir() -> Path:
     return Path(str(resources.files("nas.searchspaces")))
 
 
-# -- PSViT drawing ----------------------------------------------------------------------------
+# -- extremes ---------------------------------------------------------------------------------
 class _ExtremeChooser:
     """Largest: most tokens/dims/depth, basic cells, no reduction. Smallest: the opposite."""
 
@@ -440,213 +479,3 @@ class _ExtremeChooser:
         if name.endswith(".r"):
             key = lambda o: -o  # noqa: E731 - largest network merges least
         return max(options, key=key) if self.largest else min(options, key=key)
-
-
-def _draw_psvit(spec: PsvitSpace, chooser: Chooser) -> ArchConfig:
-    tokens = [chooser.choose(f"s{i}.tokens", st.tokens) for i, st in enumerate(spec.stages)]
-    stages = []
-    for i, st in enumerate(spec.stages):
-        p = f"s{i}"
-        floor = tokens[i + 1] if i + 1 < len(tokens) else 2
-        attention = chooser.choose(f"{p}.attention", st.attention)
-        stage = dict(
-            tokens=tokens[i],
-            dim=chooser.choose(f"{p}.dim", st.dim),
-            heads=chooser.choose(f"{p}.heads", st.heads),
-            mlp_ratio=chooser.choose(f"{p}.mlp_ratio", st.mlp_ratio),
-            attention=attention,
-            pool=chooser.choose(f"{p}.pool", st.pool) if i else None,
-        )
-        cells, reduction = _draw_structure(st, attention, tokens[i], floor, chooser, p)
-        stages.append(StageConfig(**stage, cells=cells, reduction=reduction))
-    return ArchConfig(
-        image_size=spec.image_size,
-        patch_size=spec.patch_size,
-        in_chans=spec.in_chans,
-        num_classes=spec.num_classes,
-        stages=tuple(stages),
-    )
-
-
-def _draw_structure(st: StageChoices, attention: str, tokens: int, floor: int, chooser: Chooser, p: str):
-    """Cells and reduction of one stage; linear attention uses its own parameter names."""
-    linear = attention == "linear"
-    tag = "_linear" if linear else ""
-    depth = chooser.choose(f"{p}.depth", st.depth)
-    cell_options = [c for c in st.cells if not (linear and c == "share")] or ["basic"]
-    cells = ["basic"] + [
-        chooser.choose(f"{p}.cell{j}{tag}", cell_options) if len(cell_options) > 1 else cell_options[0]
-        for j in range(1, depth)
-    ]
-    cells += ["identity"] * (st.max_depth - depth)
-    red = st.reduction
-    kinds = _kind_options(red, linear)
-    kind = chooser.choose(f"{p}.reduction{tag}", kinds) if len(kinds) > 1 else kinds[0]
-    if kind == "tome":
-        r = chooser.choose(f"{p}.r", red.r)
-        return tuple(cells), _place_tome(cells, r, tokens, floor)
-    if kind in ("evit", "cluster"):
-        keep = chooser.choose(f"{p}.keep_rate", red.keep_rate)
-        method = chooser.choose(f"{p}.method", red.method) if kind == "cluster" else "kmedoids"
-        return tuple(cells), _place_keep(cells, kind, keep, method, red.at, tokens, floor)
-    return tuple(cells), Reduction()
-
-
-def _kind_options(red: ReductionChoices, linear: bool) -> list[str]:
-    """Reduction kinds a stage may draw; linear attention has no class attention to rank by (no evit)."""
-    return [k for k in red.kind if not (linear and k == "evit")] or ["none"]
-
-
-def _reducible(cells: Sequence[str], j: int, kind: str) -> bool:
-    """Cell j may reduce: it computes its own attention (any non-identity cell for cluster), and
-    the next computing cell does not reuse its map."""
-    ok_cell = cells[j] != "identity" if kind == "cluster" else cells[j] == "basic"
-    following = next((c for c in cells[j + 1 :] if c != "identity"), None)
-    return ok_cell and following != "share"
-
-
-def _place_tome(cells, r: int, tokens: int, floor: int) -> Reduction:
-    n, rs = tokens, []
-    for j in range(len(cells)):
-        rj = min(r, tome_max_r(n - 1), n - floor) if _reducible(cells, j, "tome") else 0
-        rs.append(max(rj, 0))
-        n -= rs[-1]
-    return Reduction(kind="tome", r=tuple(rs)) if any(rs) else Reduction()
-
-
-def _place_keep(cells, kind, keep, method, at, tokens, floor) -> Reduction:
-    n, placed = tokens, []
-    for j in at:
-        if j >= len(cells) or not _reducible(cells, j, kind):
-            continue
-        trial = Reduction(kind=kind, keep_rate=keep, at=(j,), method=method)
-        n_after = trial.tokens_after(j, n)
-        if n_after >= floor and n_after < n:
-            placed.append(j)
-            n = n_after
-    if not placed:
-        return Reduction()
-    return Reduction(kind=kind, keep_rate=keep, at=tuple(placed), method=method)
-
-
-# -- PSViT membership and counting -----------------------------------------------------------
-@functools.lru_cache(maxsize=256)
-def _structures(st: StageChoices, tokens: int, floor: int) -> frozenset:
-    """Every distinct (attention, cells, reduction) one stage can take."""
-    found = set()
-    for attention in st.attention:
-        for params in _enumerate_structure_params(st, attention):
-            cells, red = _draw_structure(st, attention, tokens, floor, ReplayChooser(params), "s")
-            found.add((attention, cells, red))
-    return frozenset(found)
-
-
-def _enumerate_structure_params(st: StageChoices, attention: str):
-    """All decision sets ``_draw_structure`` can ask for, as ReplayChooser params."""
-    linear = attention == "linear"
-    tag = "_linear" if linear else ""
-    cell_options = [c for c in st.cells if not (linear and c == "share")] or ["basic"]
-    kinds = _kind_options(st.reduction, linear)
-    red = st.reduction
-    for depth in st.depth:
-        for cells in itertools.product(cell_options, repeat=depth - 1):
-            base = {"s.depth": depth, **{f"s.cell{j}{tag}": c for j, c in enumerate(cells, start=1)}}
-            for kind in kinds:
-                base_k = {**base, f"s.reduction{tag}": kind}
-                if kind == "tome":
-                    yield from ({**base_k, "s.r": r} for r in red.r)
-                elif kind in ("evit", "cluster"):
-                    methods = red.method if kind == "cluster" else ("kmedoids",)
-                    for keep, method in itertools.product(red.keep_rate, methods):
-                        yield {**base_k, "s.keep_rate": keep, "s.method": method}
-                else:
-                    yield base_k
-
-
-def _token_paths(spec: PsvitSpace):
-    return itertools.product(*(st.tokens for st in spec.stages))
-
-
-def _psvit_count(spec: PsvitSpace) -> int:
-    total = 0
-    for path in _token_paths(spec):
-        n = 1
-        for i, st in enumerate(spec.stages):
-            floor = path[i + 1] if i + 1 < len(path) else 2
-            plain = len(st.dim) * len(st.heads) * len(st.mlp_ratio) * (len(st.pool) if i else 1)
-            n *= plain * len(_structures(st, path[i], floor))
-        total += n
-    return total
-
-
-def _psvit_contains(spec: PsvitSpace, arch: ArchConfig) -> bool:
-    head = (arch.image_size, arch.patch_size, arch.in_chans, arch.num_classes)
-    if head != (spec.image_size, spec.patch_size, spec.in_chans, spec.num_classes):
-        return False
-    if len(arch.stages) != len(spec.stages):
-        return False
-    for i, (st, a) in enumerate(zip(spec.stages, arch.stages)):
-        floor = arch.stages[i + 1].tokens if i + 1 < len(arch.stages) else 2
-        plain_ok = (
-            a.tokens in st.tokens
-            and a.dim in st.dim
-            and a.heads in st.heads
-            and a.mlp_ratio in st.mlp_ratio
-            and (a.pool in st.pool if i else a.pool is None)
-        )
-        if not plain_ok or (a.attention, a.cells, a.reduction) not in _structures(st, a.tokens, floor):
-            return False
-    return True
-
-
-# -- timm reduction spaces ---------------------------------------------------------------------
-def _draw_timm(spec: TimmSpace, chooser: Chooser) -> TimmArch:
-    red = spec.reduction
-    kind = chooser.choose("reduction", red.kind) if len(red.kind) > 1 else red.kind[0]
-    schedule: dict[str, Any] = {"kind": "none"}
-    if kind == "tome":
-        r = chooser.choose("tome.r", red.tome.r)
-        rule = chooser.choose("tome.rule", red.tome.rule)
-        schedule = _tome_schedule(r, rule, spec.depth)
-    elif kind == "evit":
-        keep = chooser.choose("evit.keep_rate", red.evit.keep_rate)
-        layers = chooser.choose("evit.layers", [",".join(map(str, ls)) for ls in red.evit.layers])
-        schedule = {"kind": "evit", "keep_rate": keep, "layers": [int(b) for b in layers.split(",")]}
-    return TimmArch(
-        model=spec.model, image_size=spec.image_size, num_classes=spec.num_classes, schedule=schedule
-    )
-
-
-def _tome_schedule(r: int, rule: str, depth: int) -> dict[str, Any]:
-    """Per-block merges: ``constant`` r everywhere, ``decreasing`` from 2r down to 0 (ToMe paper)."""
-    if r == 0:
-        return {"kind": "none"}
-    if rule == "constant":
-        return {"kind": "tome", "r": [r] * depth}
-    return {
-        "kind": "tome",
-        "r": [round(2 * r * (1 - b / (depth - 1))) if depth > 1 else r for b in range(depth)],
-    }
-
-
-def _timm_members(spec: TimmSpace) -> set[str]:
-    """Canonical JSON of every member (schedules are dicts, so the archs themselves don't hash)."""
-    red = spec.reduction
-    params: list[dict[str, Any]] = []
-    for kind in red.kind:
-        if kind == "tome":
-            params += [
-                {"reduction": kind, "tome.r": r, "tome.rule": rule}
-                for r in red.tome.r
-                for rule in red.tome.rule
-            ]
-        elif kind == "evit":
-            layers = [",".join(map(str, ls)) for ls in red.evit.layers]
-            params += [
-                {"reduction": kind, "evit.keep_rate": k, "evit.layers": ls}
-                for k in red.evit.keep_rate
-                for ls in layers
-            ]
-        else:
-            params.append({"reduction": kind})
-    return {_draw_timm(spec, ReplayChooser(p)).to_json() for p in params}

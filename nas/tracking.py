@@ -38,17 +38,23 @@ from sqlalchemy.engine import make_url
 
 from nas.arch import ArchConfig, TimmArch
 from nas.errors import UserError, explain_database_error
+from nas.names import (
+    ACCURACY,
+    ARCH_HASH,
+    BUDGET,
+    CAMPAIGN,
+    FAILURE,
+    LATENCY,
+    PARETO,
+    PARETO_RANK,
+    RESUMED,
+    ROLE,
+    TRIAL_NUMBER,
+)
 from nas.pareto import best_under_budget, pareto_ranks
+from nas.servers import require_database, require_reachable
 from nas.sqlite_tuning import tune_sqlite
 
-ROLE = "vitnas.role"
-CAMPAIGN = "vitnas.campaign"
-FAILURE = "vitnas.failure"
-#: Where a resumed campaign records a param value that differs from the one logged first.
-RESUMED = "vitnas.resumed."
-#: The latency budget (ms, or ``none``): a campaign's param, and the tag on its parent run that says
-#: which budget the trials' ``best_under_budget`` tags were last computed for.
-BUDGET = "latency_budget_ms"
 END_STATES = ("FINISHED", "FAILED", "KILLED")
 _QUIET = MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.name
 _PAGE = 1000
@@ -96,6 +102,10 @@ def connect(tracking_uri: str, after_fork: bool = False, read_only: bool = False
         require_store(tracking_uri)
     elif db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
+    elif _is_server(tracking_uri) and not after_fork:
+        require_reachable(tracking_uri)  # a wrong port: one line now, not after MLflow's minutes of retries
+    elif _is_database_server(tracking_uri) and not after_fork:
+        require_database(tracking_uri)  # MLflow's database store retries connecting for most of an hour
     client = MlflowClient(tracking_uri)
     # MLflow keeps one store (and engine) per URI; it has no public way to reach the engine
     engine = getattr(getattr(getattr(client, "_tracking_client", None), "store", None), "engine", None)
@@ -108,8 +118,11 @@ def connect(tracking_uri: str, after_fork: bool = False, read_only: bool = False
 
 def require_store(tracking_uri: str) -> None:
     """``UserError`` unless a sqlite URI names an existing MLflow database: MLflow would create
-    one (and its tables) on first use, and reading must never write. Servers answer for themselves."""
+    one (and its tables) on first use, and reading must never write. A server must at least be
+    there (``nas.servers``); what it holds it answers for itself."""
     db = _sqlite_path(tracking_uri)
+    if _is_server(tracking_uri):
+        require_reachable(tracking_uri)
     if db is None:
         return
     if not db.is_file():
@@ -121,6 +134,14 @@ def require_store(tracking_uri: str) -> None:
         raise UserError(f"tracking store {db}: cannot read it: {explain_database_error(err)}") from None
     if "experiments" not in tables:
         raise UserError(f"{db}: not an MLflow tracking store (no experiments table)")
+
+
+def _is_server(tracking_uri: str) -> bool:
+    return tracking_uri.startswith(("http://", "https://"))
+
+
+def _is_database_server(tracking_uri: str) -> bool:
+    return tracking_uri.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "mysql", "mssql")
 
 
 def _sqlite_path(tracking_uri: str) -> Path | None:
@@ -361,13 +382,13 @@ class TrialRecord:
 
     def as_row(self) -> dict:
         """A flat row for tables, CSV and plots: ids, every metric, the Pareto tags."""
-        rank = self.tags.get("pareto_rank", "")
+        rank = self.tags.get(PARETO_RANK, "")
         return {
             "trial_number": self.trial_number,
             "run_id": self.run_id,
             "arch_hash": self.arch_hash,
             **self.metrics,
-            "pareto": self.tags.get("pareto") == "true",
+            "pareto": self.tags.get(PARETO) == "true",
             "pareto_rank": int(rank) if rank.isdigit() else None,
             "best_under_budget": self.tags.get("best_under_budget") == "true",
         }
@@ -377,8 +398,8 @@ class TrialRecord:
         tags = run.data.tags
         return cls(
             run.info.run_id,
-            int(tags.get("trial_number", -1)),
-            tags.get("arch_hash", ""),
+            int(tags.get(TRIAL_NUMBER, -1)),
+            tags.get(ARCH_HASH, ""),
             run.info.status,
             dict(run.data.metrics),
             dict(tags),
@@ -447,6 +468,10 @@ class Campaign:
 
     def exists(self) -> bool:
         return self._oldest(f"tags.`{ROLE}` = 'campaign'") is not None
+
+    def parent_run(self) -> Run | None:
+        """The campaign's parent run as stored (its params and tags say what it scored with)."""
+        return self._oldest(f"tags.`{ROLE}` = 'campaign'")
 
     def _trial(self, trial_number: int) -> Run | None:
         return self._oldest(f"tags.`{ROLE}` = 'trial' and tags.trial_number = '{int(trial_number)}'")
@@ -528,8 +553,8 @@ class Campaign:
                     MLFLOW_PARENT_RUN_ID: parent,
                     ROLE: "trial",
                     CAMPAIGN: self.name,
-                    "trial_number": str(trial_number),
-                    "arch_hash": digest,
+                    TRIAL_NUMBER: str(trial_number),
+                    ARCH_HASH: digest,
                     **(tags or {}),
                 },
             )
@@ -537,7 +562,7 @@ class Campaign:
         else:
             logged = run.data.params
             clash = [k for k, v in params.items() if k in logged and logged[k] != v]
-            if run.data.tags.get("arch_hash") != digest or clash:
+            if run.data.tags.get(ARCH_HASH) != digest or clash:
                 raise ValueError(
                     f"trial {trial_number} of campaign {self.name!r} is already logged (run {run.info.run_id}) "
                     f"with arch {run.data.tags.get('arch_hash')} and other params ({', '.join(clash) or 'arch_hash'}); "
@@ -582,7 +607,7 @@ class Campaign:
 
     # -- the Pareto front --
     def tag_pareto(
-        self, acc_key: str = "val_accuracy", lat_key: str = "latency_ms", budget_ms: float | None = None
+        self, acc_key: str = ACCURACY, lat_key: str = LATENCY, budget_ms: float | None = None
     ) -> list[dict]:
         """Tag every finished trial with its rank on (accuracy max, latency min), whatever the budget.
 
@@ -599,8 +624,8 @@ class Campaign:
         rows = []
         for i, (trial, rank) in enumerate(zip(trials, ranks, strict=True)):
             new = {
-                "pareto": str(rank == 0).lower(),
-                "pareto_rank": "none" if rank is None else str(rank),
+                PARETO: str(rank == 0).lower(),
+                PARETO_RANK: "none" if rank is None else str(rank),
                 "best_under_budget": str(i == best).lower(),
             }
             changed = {k: v for k, v in new.items() if trial.tags.get(k) != v}
@@ -630,7 +655,7 @@ class Campaign:
         return None if run is None else campaign_budget(run.data.tags, run.data.params)
 
     def front_rows(
-        self, acc_key: str = "val_accuracy", lat_key: str = "latency_ms", budget_ms: float | None = None
+        self, acc_key: str = ACCURACY, lat_key: str = LATENCY, budget_ms: float | None = None
     ) -> list[dict]:
         """The front as ``tag_pareto`` returns it, computed without writing anything (read-only).
 
@@ -657,8 +682,8 @@ class Campaign:
         self,
         rows: list[dict] | None = None,
         budget_ms: float | None = None,
-        acc_key: str = "val_accuracy",
-        lat_key: str = "latency_ms",
+        acc_key: str = ACCURACY,
+        lat_key: str = LATENCY,
     ) -> None:
         """``pareto.html`` (interactive, self-contained), ``pareto.png`` and ``pareto.csv`` on the parent run.
 

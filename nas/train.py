@@ -1,4 +1,4 @@
-"""Stand-alone (re)training of an exported architecture, from its ``train.yaml``.
+"""Stand-alone (re)training of an exported architecture (any family), from its ``train.yaml``.
 
 The recipe names the architecture, how to start (inherited supernet weights, or scratch), the
 data and the hyperparameters (the same ones as supernet training). The run reports test
@@ -16,11 +16,12 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from nas.arch import ArchConfig, format_validation_error, load_arch
+from nas.arch import format_validation_error, load_arch
 from nas.data import load_splits
 from nas.errors import UserError
 from nas.evaluation import classification_accuracy
-from nas.supernet.subnet import VitnasSubnet
+from nas.families import family_of
+from nas.names import ARCH_HASH, ROLE, SOURCE_RUN
 from nas.training import distributed
 from nas.training.classifier import train_classifier
 from nas.training.config import TrainConfig
@@ -105,11 +106,7 @@ def train_from_recipe(
         recipe = recipe.model_copy(update={"epochs": epochs})
     config = recipe.hyperparameters().replace(**(runtime or {}))
     arch = load_arch(folder / recipe.arch)
-    if not isinstance(arch, ArchConfig):
-        raise UserError(
-            f"{path}: vitnas train trains psvit architectures; {arch.family} models train with timm's own scripts"
-        )
-    model = VitnasSubnet(arch)
+    model = family_of(arch).build(arch)  # a psvit subnet, or a timm model with its reduction schedule
     if recipe.init == "inherited":
         if not recipe.weights:
             raise UserError(f"{path}: init inherited needs weights (or set init: scratch)")
@@ -122,7 +119,9 @@ def train_from_recipe(
             if not world.main:
                 return None
             test = classification_accuracy(model, splits.test, device=world.device)["accuracy"]
-            out = save_weights(model, folder / "trained.safetensors", metadata={"arch_hash": arch.arch_hash()})
+            out = save_weights(
+                model, folder / "trained.safetensors", metadata={"arch_hash": arch.arch_hash()}
+            )
             if run is not None:
                 run.log_metrics({"test_accuracy": test})
                 run.set_tags({"weights": str(out)})
@@ -131,14 +130,14 @@ def train_from_recipe(
     return TrainOutcome(test, history[-1]["val_accuracy"], out, getattr(run, "run_id", None), history)
 
 
-def _tracking(recipe: Recipe, arch: ArchConfig, path: Path, config: TrainConfig, world: distributed.World):
+def _tracking(recipe: Recipe, arch, path: Path, config: TrainConfig, world: distributed.World):
     if not recipe.tracking_uri or not world.main:
         return contextlib.nullcontext()
     from nas.tracking import training_run
 
-    tags = {"vitnas.role": "train", "arch_hash": arch.arch_hash(), "recipe": str(Path(path).resolve())}
+    tags = {ROLE: "train", ARCH_HASH: arch.arch_hash(), "recipe": str(Path(path).resolve())}
     if recipe.source_run_id:
-        tags["vitnas.source_run_id"] = recipe.source_run_id
+        tags[SOURCE_RUN] = recipe.source_run_id
     return training_run(
         recipe.tracking_uri,
         recipe.experiment,

@@ -45,16 +45,9 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         ) from None
 
 
-def read_tensors(
-    path: str | Path,
-    device: str | torch.device = "cpu",
-    *,
-    expect_hash: str | None = None,
-    recorded_in: str | Path | None = None,
-) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file, after checking that it parses and, with ``expect_hash``,
-    that its ``file_hash`` is the one recorded in ``recorded_in`` (a sidecar, a recipe)."""
-    path = Path(path)
+def check_file(path: Path, expect_hash: str | None = None, recorded_in: str | Path | None = None) -> None:
+    """``UserError`` unless ``path`` is a readable safetensors file whose ``file_hash`` is
+    ``expect_hash`` (when given), the hash recorded in ``recorded_in`` (a sidecar, a recipe)."""
     if not path.is_file():
         raise UserError(f"{path}: no such weights file")
     read_metadata(path)  # a truncated file fails here, before it is hashed
@@ -65,6 +58,19 @@ def read_tensors(
                 f"{path}: does not match the hash recorded in {recorded_in or 'its record'} "
                 f"(file {actual}, recorded {expect_hash}; corrupted or replaced?)"
             )
+
+
+def read_tensors(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    *,
+    expect_hash: str | None = None,
+    recorded_in: str | Path | None = None,
+) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, after checking that it parses and, with ``expect_hash``,
+    that its ``file_hash`` is the one recorded in ``recorded_in`` (a sidecar, a recipe)."""
+    path = Path(path)
+    check_file(path, expect_hash, recorded_in)
     try:
         return load_file(str(path), device=str(device))
     except SafetensorError as err:

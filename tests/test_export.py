@@ -146,3 +146,22 @@ def test_vitnas_train_retrains_the_export_and_links_the_trial(searched, tmp_path
     assert run.info.status == "FINISHED" and run.info.run_id in printed
     assert run.data.metrics["test_accuracy"] == pytest.approx(test_accuracy, abs=1e-4)
     assert run.data.tags["arch_hash"] == exported.arch_hash
+
+
+@pytest.mark.slow
+def test_export_onnx_writes_a_checked_model_with_a_dynamic_batch(searched, tmp_path, capsys):
+    import onnxruntime
+
+    argv = ["export", "--campaign", searched.config.name, "--trial", "2", "--out", str(tmp_path), "--onnx",
+            "--tracking-uri", searched.config.tracking_uri]  # fmt: skip
+    assert main(argv) == 0
+    assert "model.onnx" in capsys.readouterr().out and "model.onnx" in (tmp_path / "README.md").read_text()
+    model = timm.create_model(
+        "vitnas_subnet", arch=str(tmp_path / "arch.yaml"), pretrained_file=str(tmp_path / "weights.safetensors")
+    ).eval()
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    for batch in (1, 5):
+        x = torch.randn(batch, 3, model.arch.image_size, model.arch.image_size, generator=torch.Generator().manual_seed(batch))
+        (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.inference_mode():
+            assert abs(torch.from_numpy(got) - model(x)).max() < 1e-4

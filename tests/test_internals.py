@@ -1,4 +1,4 @@
-"""The private parts of Optuna and MLflow that ``nas.internals`` uses are where it expects them.
+"""The private parts of MLflow that ``nas.internals`` uses are where it expects them.
 
 When one of these fails after an upgrade, fix ``nas/internals.py`` (or move its caller to a public
 API) before anything else: the callers' own tests may then fail in less obvious ways.
@@ -7,17 +7,8 @@ API) before anything else: the callers' own tests may then fail in less obvious 
 from __future__ import annotations
 
 import mlflow
-import optuna
 
-from nas.internals import mlflow_artifact_repos, optuna_rdb
-
-
-def test_optuna_rdb_models_and_session_scope_are_there():
-    models, scoped_session = optuna_rdb()
-    for name in ("StudyModel", "TrialModel", "TrialParamModel", "TrialUserAttributeModel",
-                 "TrialSystemAttributeModel"):  # fmt: skip
-        assert hasattr(models, name), f"optuna {optuna.__version__} has no _rdb.models.{name}"
-    assert callable(models.StudyModel.find_or_raise_by_id) and callable(scoped_session)
+from nas.internals import mlflow_artifact_repos
 
 
 def test_mlflow_artifact_repository_cache_is_there(tmp_path, monkeypatch):

@@ -28,7 +28,11 @@
     el("span", { id: "count", text: `${points.length} trials plotted` }),
     data.not_plotted ? el("span", { text: ` (${data.not_plotted} not finished or without latency)` }) : null, " · ",
     el("span", { id: "front-size", text: `${front.length} on the front` }), " · ",
-    el("span", { text: c.budget_ms === null ? "no budget" : `campaign budget ${c.budget_ms} ms` })));
+    el("span", { text: c.budget_ms === null ? "no budget" : `campaign budget ${c.budget_ms} ms` }),
+    // how far the accuracies drawn here rank as training from scratch would (vitnas rank-check)
+    data.supernet ? " · " : null,
+    data.supernet ? el("span", { id: "ranking", title: "Kendall tau between inherited-weight and stand-alone accuracy, 90 % interval (vitnas rank-check)",
+      text: data.ranking ? data.ranking.summary : "ranking trust not measured (vitnas rank-check)" }) : null));
 
   const params = points.map(p => p.params_m ?? 0);
   const maxParams = Math.max(...params, 1e-9);

@@ -1,21 +1,7 @@
-"""Hardware-aware scoring: targets, machine fingerprints, latency measurement, FLOPs and params,
-the latency predictor and the shared result cache."""
+"""Hardware-aware scoring: targets (``target``), machine fingerprints (``fingerprint``), latency
+measurement (``measure``), FLOPs and params (``flops``), the latency table and predictor
+(``latency_table``, ``predictor``) and the shared result cache (``cache``).
 
-from nas.hardware.cache import ResultCache
-from nas.hardware.fingerprint import Fingerprint, fingerprint
-from nas.hardware.flops import flops, params
-from nas.hardware.measure import Latency, MeasureResult, measure, measure_safely
-from nas.hardware.target import Target
-
-__all__ = [
-    "Fingerprint",
-    "Latency",
-    "MeasureResult",
-    "ResultCache",
-    "Target",
-    "fingerprint",
-    "flops",
-    "measure",
-    "measure_safely",
-    "params",
-]
+Import the module you need: this package imports nothing itself, so the CLI's help and
+``vitnas space show`` stay free of torch.
+"""

@@ -5,7 +5,10 @@ so campaigns on the same kind of machine share results and concurrent writers (s
 several machines on one PostgreSQL) cannot duplicate a row. Failed measurements are stored too, so
 a candidate that runs out of memory is not retried forever; a failure never replaces a success.
 The default is a sqlite file in the workspace (``nas.sqlite_tuning``: WAL, a busy timeout for
-parallel writers); any SQLAlchemy URL works, e.g. ``postgresql+psycopg://user@host/vitnas``.
+parallel writers); any SQLAlchemy URL works, e.g. ``postgresql+psycopg://user@host/vitnas``. A
+server that cannot be reached when the cache opens is a one-line error; one that goes away later
+(restarted) is waited for (``nas.retry``): a lookup or a store in the middle of a trial does not
+fail the trial.
 """
 
 from __future__ import annotations
@@ -27,13 +30,14 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-from nas.errors import UserError
+from nas.errors import UserError, explain_database_error
 from nas.hardware.fingerprint import Fingerprint
 from nas.hardware.measure import MeasureResult
 from nas.hardware.target import Target
+from nas.retry import Notice, with_retries
 from nas.sqlite_tuning import tune_sqlite
 
 CACHE_FILE = "latency-cache.sqlite"
@@ -77,15 +81,26 @@ class ResultCache:
     def __init__(self, url: str | None = None, *, workspace: str | Path = "vitnas-runs"):
         self.url = url or default_url(workspace)
         self._engine = _engine(self.url)
-        _create_table(self._engine)
+        try:
+            _create_table(self._engine)
+        except OperationalError as err:
+            if self._engine.dialect.name == "sqlite":
+                raise  # a file's problem: nas.errors names it
+            shown = self._engine.url.render_as_string(hide_password=True)
+            raise UserError(f"latency cache {shown}: {explain_database_error(err.orig or err)}") from None
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
+        self._notice = Notice("the latency cache's database")
 
     def get(
         self, arch_hash: str, fingerprint: Fingerprint, target: Target, *, include_failed: bool = True
     ) -> MeasureResult | None:
         """The cached result, or None; ``include_failed=False`` treats a stored failure as absent."""
-        with self._sessions() as session:
-            row = session.scalar(_select_key(arch_hash, fingerprint, target))
+
+        def read():
+            with self._sessions() as session:
+                return session.scalar(_select_key(arch_hash, fingerprint, target))
+
+        row = with_retries(read, on_wait=self._notice)
         if row is None or (row.status == "failed" and not include_failed):
             return None
         return MeasureResult.from_dict(row.record["result"])
@@ -96,6 +111,9 @@ class ResultCache:
         Two writers may insert the same key at once: the unique constraint rejects the second,
         which then retries as an update.
         """
+        with_retries(lambda: self._put(arch_hash, fingerprint, target, result), on_wait=self._notice)
+
+    def _put(self, arch_hash: str, fingerprint: Fingerprint, target: Target, result: MeasureResult) -> None:
         for attempt in range(_PUT_ATTEMPTS):
             try:
                 with self._sessions.begin() as session:
@@ -162,7 +180,7 @@ def _engine(url: str) -> Engine:
     except ArgumentError as err:
         raise UserError(f"bad cache URL {url!r}: {err}") from None
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(parsed)
+        return create_engine(parsed, pool_pre_ping=True)  # a restarted server costs a reconnect
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(parsed)

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from nas.hardware.runtimes import runtime_version
 from nas.hardware.target import Target
 
 
@@ -31,9 +32,13 @@ class Fingerprint:
     gpu_name: str | None = None
     gpu_driver: str | None = None
     cuda_version: str | None = None
+    runtime: str | None = None  # the deployment runtime and its version ("onnxruntime 1.32.0"), if any
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if data["runtime"] is None:
+            del data["runtime"]  # eager and compile keep the digests they always had
+        return data
 
     def digest(self) -> str:
         """Short stable hash of every field (sha256 of the sorted JSON, 16 hex digits)."""
@@ -58,6 +63,7 @@ def fingerprint(target: Target) -> Fingerprint:
         system=platform.system(),
         torch_version=torch.__version__,
         threads=target.threads,
+        runtime=runtime_version(target.backend),
         **gpu,
     )
 

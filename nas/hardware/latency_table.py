@@ -49,10 +49,12 @@ from tqdm import tqdm
 
 from nas.arch import ArchConfig
 from nas.errors import UserError
+from nas.families import require
 from nas.hardware.fingerprint import fingerprint
 from nas.hardware.measure import measure
 from nas.hardware.parts import Part, space_parts
 from nas.hardware.predictor import LatencyTable, fit_overhead, interpolate, mape
+from nas.hardware.table_defaults import FIT_SUBNETS, PART_BUDGET_S, PASSES
 from nas.hardware.target import Target
 from nas.space import SearchSpace
 from nas.supernet.subnet import VitnasSubnet
@@ -60,11 +62,8 @@ from nas.supernet.subnet import VitnasSubnet
 GRID_POINTS = 3  # token counts measured per part: both ends and the middle (all when a part sees no more)
 FINE_GRID_POINTS = 5  # ... and the quarters, for a part that is not linear enough
 LINEAR_TOL = 0.05  # the middle's distance from the line through the ends, relative to the middle
-PART_BUDGET_S = 0.15  # measure() time budget per part and pass
-PASSES = 3
 MIN_PASSES = 2  # passes that measure every point; later ones only points whose passes disagree
 AGREE_TOL = 0.03  # (max - min) / min of a point's measurements under which it has enough passes
-FIT_SUBNETS = 16  # whole subnets measured to fit the overhead
 SUBNET_BUDGET = 8  # a whole subnet's time budget, in part budgets
 SAVE_EVERY_S = 5.0
 ETA_PRIOR_JOBS = 5  # the first guess (from the budgets) weighs as much as this many jobs done
@@ -321,8 +320,7 @@ def _gc_frozen() -> Iterator[None]:
 
 
 def _check_target(space: SearchSpace, target: Target) -> None:
-    if space.family != "psvit":
-        raise UserError(f"space {space.name} is a {space.family} space: latency tables cover psvit spaces")
+    require(space, "psvit", "a latency table")
     target.require_available()
     if target.resolution not in (None, space.spec.image_size):
         raise UserError(

@@ -2,8 +2,9 @@
 
 Protocol (inference mode, the target's threads/device/dtype/backend, garbage collector paused):
 
-1. A first call, untimed for statistics: lazy initialisation, and compilation for ``backend=compile``
-   (if ``torch.compile`` fails the model is measured eager and the reason is recorded).
+1. A first call, untimed for statistics: lazy initialisation, compilation for ``backend=compile``
+   (if ``torch.compile`` fails the model is measured eager and the reason is recorded), export and
+   session set-up for the deployment runtimes (``nas.hardware.runtimes``).
 2. Warm-up until timings settle: the median of the last 3 runs no longer drops by more than 2 %
    from the 3 before, bounded by ``MAX_WARMUP`` runs and half of ``time_budget_s``.
 3. Repeats until the median is known to ``rel_precision``: the 95 % order-statistics confidence
@@ -42,7 +43,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
-import functools
 import gc
 import math
 import multiprocessing
@@ -57,6 +57,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from nas.errors import UserError
+from nas.hardware import runtimes
 from nas.hardware.target import Target
 
 MIN_REPEATS = 10
@@ -169,19 +170,22 @@ def measure(
         with _num_threads(target.threads), device_scope, torch.inference_mode(), _gc_paused():
             model.eval().to(target.torch_device, target.torch_dtype)
             x = torch.randn(shape, device=target.torch_device, dtype=target.torch_dtype)
-            forward, backend, fallback = _first_call(model, x, target.backend, timer)
-            warm = _warm_up(forward, timer, time_budget_s / 2)
-            repeat_budget_s = time_budget_s - sum(warm) / 1e3
-            attempts: list[_Attempt] = []
-            while len(attempts) <= max(remeasure, 0):
-                attempt = _attempt(forward, timer, repeat_budget_s, rel_precision, probe, len(attempts))
-                attempts.append(attempt)
-                if attempt.reason is None:
-                    break
+            prepared = runtimes.prepare(model, x, target.backend, target.threads, timer)
+            try:
+                warm = _warm_up(prepared.forward, timer, time_budget_s / 2)
+                repeat_budget_s = time_budget_s - sum(warm) / 1e3
+                attempts: list[_Attempt] = []
+                while len(attempts) <= max(remeasure, 0):
+                    attempt = _attempt(prepared.forward, timer, repeat_budget_s, rel_precision, probe, len(attempts))
+                    attempts.append(attempt)
+                    if attempt.reason is None:
+                        break
+            finally:
+                prepared.close()
     finally:
         model.train(was_training)
     kept = min(attempts, key=_Attempt.badness)
-    latency = _latency(kept.samples, warmup=1 + len(warm), backend=backend, fallback=fallback)
+    latency = _latency(kept.samples, warmup=1 + len(warm), backend=prepared.backend, fallback=prepared.fallback)
     return dataclasses.replace(
         latency,
         noisy=kept.reason is not None,
@@ -312,6 +316,8 @@ def measure_safely(model: nn.Module, target: Target, **kwargs) -> MeasureResult:
     """
     try:
         return MeasureResult(ok=True, latency=measure(model, target, **kwargs))
+    except runtimes.RuntimeUnsupported as err:  # this model on this runtime: the candidate's failure
+        error = str(err)
     except UserError:
         raise
     except MeasureTimeout as err:
@@ -401,28 +407,6 @@ def _time_cuda(forward: Callable[[], object]) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end)
-
-
-def _first_call(
-    model: nn.Module, x: torch.Tensor, backend: str, timer: _Timer
-) -> tuple[Callable[[], object], str, str | None]:
-    """Run the first (untimed) pass; returns the forward to measure, its backend and any fallback."""
-    fallback = None
-    if backend == "compile":
-        # Dynamo stops compiling a forward after a few recompilations and silently runs it eager;
-        # a campaign measures many models of one class, so each starts from an empty cache.
-        torch._dynamo.reset()
-        try:
-            compiled = functools.partial(torch.compile(model), x)
-            timer(compiled)  # compiles
-            return compiled, "compile", None
-        except MeasureTimeout:
-            raise
-        except Exception as err:
-            fallback = f"torch.compile failed, measured eager: {type(err).__name__}: {_one_line(err)}"
-    eager = functools.partial(model, x)
-    timer(eager)
-    return eager, "eager", fallback
 
 
 def _warm_up(forward: Callable[[], object], timer: _Timer, budget_s: float) -> list[float]:

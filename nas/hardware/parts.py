@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nas.arch import ArchConfig, Reduction, StageConfig
-from nas.space import SearchSpace, _structures
+from nas.families import require
+from nas.families.psvit import stage_structures
+from nas.space import SearchSpace
 from nas.supernet import blocks
 
 
@@ -178,8 +180,7 @@ def space_parts(space: SearchSpace) -> dict[Part, set[int]]:
     stage structures the space itself enumerates for counting.
     """
     spec = space.spec
-    if space.family != "psvit":
-        raise ValueError(f"space {space.name} is a {space.family} space: latency tables cover psvit spaces")
+    require(space, "psvit", "a latency table")
     found: dict[Part, set[int]] = defaultdict(set)
     first = spec.stages[0]
     for dim in first.dim:
@@ -192,7 +193,7 @@ def space_parts(space: SearchSpace) -> dict[Part, set[int]]:
         next_exits: dict[int, set[int]] = defaultdict(set)
         next_entries: dict[int, set[int]] = defaultdict(set)
         for tokens, floor in itertools.product(choices.tokens, floors):
-            for attention, cells, reduction in _structures(choices, tokens, floor):
+            for attention, cells, reduction in stage_structures(choices, tokens, floor):
                 for dim, heads, ratio in itertools.product(choices.dim, choices.heads, choices.mlp_ratio):
                     st = StageConfig(
                         tokens=tokens,

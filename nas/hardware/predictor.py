@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import theilslopes
 
-from nas.arch import ArchConfig, TimmArch
+from nas.arch import ArchConfig
 from nas.errors import UserError
+from nas.families import require
 from nas.files import write_atomically
 from nas.hardware.fingerprint import Fingerprint
 from nas.hardware.parts import decompose
@@ -209,10 +210,7 @@ class LatencyPredictor:
         return Target.parse(self.table.target)
 
     def predict(self, arch: ArchConfig) -> float:
-        if isinstance(arch, TimmArch):
-            raise UserError(
-                f"latency tables cover psvit architectures; {arch.model} (timm) has to be measured"
-            )
+        require(arch, "psvit", "a latency table's prediction")
         return self.table.overhead.apply(self.table.parts_sum(arch))
 
 

@@ -11,10 +11,12 @@ A target is written as one string so that it fits a CLI flag, a YAML field and a
     dtype       cpu, cuda  float32 | float16 | bfloat16            float32
     batch       cpu, cuda  positive integer                        1
     resolution  cpu, cuda  positive integer (square images)        the architecture's own image size
-    backend     cpu, cuda  eager | compile                         eager
+    backend     cpu, cuda  eager | compile | onnxruntime |         eager
+                           openvino (cpu) | tensorrt (cuda)
 
 Examples: ``cpu:threads=2,batch=1``, ``cuda:0:dtype=float16,batch=8,backend=compile``,
-``cpu:threads=4,batch=32,resolution=224``. ``str(target)`` writes every key (``resolution`` only
+``cpu:threads=4,batch=32,resolution=224``, ``cpu:threads=2,backend=onnxruntime``. The backends
+are the runtimes of ``nas.hardware.runtimes``. ``str(target)`` writes every key (``resolution`` only
 when set) in the order above, and parses back to an equal target.
 """
 
@@ -25,9 +27,9 @@ from dataclasses import dataclass
 import torch
 
 from nas.errors import UserError
+from nas.hardware.runtimes import BACKENDS, require_runtime
 
 DTYPES = ("float32", "float16", "bfloat16")
-BACKENDS = ("eager", "compile")
 _KEYS = {
     "cpu": ("threads", "dtype", "batch", "resolution", "backend"),
     "cuda": ("dtype", "batch", "resolution", "backend"),
@@ -88,6 +90,7 @@ class Target:
 
     def require_available(self) -> None:
         """Fail with a one-line UserError, before any work, when this machine cannot run the target."""
+        require_runtime(self.backend, self.torch_device, self.torch_dtype)
         if self.device == "cpu":
             return
         if not torch.cuda.is_available():

@@ -53,10 +53,19 @@ def kmedoids(x: Tensor, k: int, iters: int = 5, weights: Tensor | None = None) -
     """(Weighted) k-medoids of `x [B, N, C]`: returns `(assign [B, N], medoids [B, k])` (token indices).
 
     Alternating updates: assign to the nearest medoid, then make each cluster's medoid the member
-    with the least weighted distance to the other members. A cluster that empties keeps its medoid.
+    with the least weighted distance to the other members (on a tie, the first). A cluster that
+    empties keeps its medoid.
+
+    The distance table is made exactly symmetric with an exactly zero diagonal: the matmul
+    expansion leaves rounding noise there (amplified by the square root), and the two members of a
+    two-token cluster tie exactly (each is at distance d from the other), so that noise, not the
+    data, would pick the medoid (and differently on another runtime, e.g. ONNX Runtime).
     """
     b, n, _ = x.shape
-    dist = _sq_dist(x, x).sqrt_()  # [B, N, N], symmetric
+    dist = _sq_dist(x, x).sqrt_()
+    dist = ((dist + dist.transpose(1, 2)) * 0.5).masked_fill(
+        torch.eye(n, dtype=torch.bool, device=x.device), 0.0
+    )
     medoids = _spread(n, k, x.device).expand(b, k)
     for _ in range(iters):
         assign = dist.gather(2, medoids.unsqueeze(1).expand(b, n, k)).argmin(-1)

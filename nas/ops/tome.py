@@ -20,6 +20,9 @@ copied). Two variants, by `order`:
   neighbours.
 
 Either way the merge is one row gather of the kept tokens plus `r`-row updates: no full-size scatter.
+Every tensor has a shape fixed by `(B, N, r)` (no `nonzero` or boolean-mask indexing), so the
+matching compiles without graph breaks (`torch.compile(fullgraph=True)`) and exports (ONNX) with
+a dynamic batch.
 """
 
 from __future__ import annotations
@@ -89,9 +92,11 @@ def _add_rows(out: Tensor, index: Tensor, rows: Tensor) -> Tensor:
     """`out[index] += rows` in place, duplicates summed.
 
     Below PyTorch's parallel grain a serial accumulating `index_put_` is used: a small `index_add_`
-    runs in parallel and pays a thread wake-up (~40 µs on 2 cores) for a few rows.
+    runs in parallel and pays a thread wake-up (~40 µs on 2 cores) for a few rows. Under
+    `torch.compile`/`torch.export` it is always `index_put_`, so a dynamic batch size puts no guard
+    on the graph (both sum the same rows).
     """
-    if rows.numel() < 32768:
+    if torch.compiler.is_compiling() or rows.numel() < 32768:
         return out.index_put_((index,), rows, accumulate=True)
     return out.index_add_(0, index, rows)
 
@@ -131,7 +136,17 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int = 1, order: 
     dst = (first + 1 + 2 * match.gather(1, src_a)).view(-1)
     keep = torch.ones(b * n, dtype=torch.bool, device=metric.device).index_fill_(0, src, 0)
     pos = keep.cumsum(dim=0) - 1  # every sample keeps n - r rows, so this is the flat output row
-    return Merge(b, n, keep.nonzero().squeeze(1), src, dst, pos.index_select(0, dst))
+    rows = torch.arange(b * n, device=metric.device)
+    return Merge(b, n, _kept_rows(keep, pos, rows, b * (n - r)), src, dst, pos.index_select(0, dst))
+
+
+def _kept_rows(keep: Tensor, pos: Tensor, rows: Tensor, count: int) -> Tensor:
+    """`rows[keep]` in order, given `pos = keep.cumsum(0) - 1` and `count = keep.sum()` (known
+    from the shapes): a permutation scatter instead of boolean indexing, so the result's shape
+    does not depend on the data (no graph break under `torch.compile`, exportable)."""
+    dropped = (~keep).cumsum(dim=0) - 1 + count  # the dropped rows go after the kept ones
+    order = torch.where(keep, pos, dropped)
+    return torch.zeros_like(rows).scatter_(0, order, rows)[:count]
 
 
 def _reference_matching(metric: Tensor, r: int, p: int) -> Merge:
@@ -157,7 +172,8 @@ def _reference_matching(metric: Tensor, r: int, p: int) -> Merge:
     kept = torch.ones(b * n, dtype=torch.bool, device=dev).index_fill_(0, src, 0).view(b, n)[:, perm]
     out_row = (kept.view(-1).cumsum(dim=0) - 1).view(b, n)  # flat output row of each place (n - r per sample)
     slot = out_row.gather(1, dst_b + (p + even.numel() - p // 2))  # B index k sits at p + |even| + k - p//2
-    return Merge(b, n, (first + perm)[kept], src, dst, slot.view(-1))
+    keep = _kept_rows(kept.view(-1), out_row.view(-1), (first + perm).view(-1), b * (n - r))
+    return Merge(b, n, keep, src, dst, slot.view(-1))
 
 
 def merge_wavg(merge: Merge, x: Tensor, size: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -12,6 +12,14 @@ child is made by ``handler_factory()`` once it has started, gets ``(method, args
 ignores Ctrl-C (the campaign decides when to stop it; a terminal sends SIGINT to both) and dies
 with its parent (Linux). The first message that raises stops the writing; its error is raised in
 the campaign at the next ``submit`` or ``drain``.
+
+A store that goes away (a database restarted, a tracking server down) is waited for
+(``nas.retry``): the message is tried again with growing pauses, outside the pause gate, so
+measurements go on, and the campaign goes on queueing. The queue is bounded: past ``max_backlog``
+messages waiting on a store that does not answer, ``submit`` raises ``StoreOutage`` and the
+campaign stops (the trials not yet written run again on resume). ``lag``: while the writer is
+working but behind (starved of CPU by other processes), ``submit`` waits until it is at most this
+many messages behind, so that what the campaign told reaches the stores within a trial or two.
 """
 
 from __future__ import annotations
@@ -24,16 +32,21 @@ import queue
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 
 from nas.errors import UserError
+from nas.retry import RETRY_FOR_S, StoreOutage, describe, with_retries
 
 #: The child's scheduling priority: lowest, so it writes with the CPU time scoring leaves idle
 #: (at the default priority it took a fifth of the cores while subnets were evaluated).
 NICENESS = 19
 #: How often a wait on the child checks that it is still alive (seconds).
 _POLL_S = 0.5
+#: Messages queued behind a store that does not answer before the campaign stops (two a trial).
+MAX_BACKLOG = 512
 _PR_SET_PDEATHSIG = 1
 
 
@@ -43,11 +56,15 @@ def _context():
     return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to kill this process when its parent dies: a killed campaign's writes stop at once."""
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to kill this process when its parent dies: a killed campaign's writes stop at once.
+    A parent killed before the request was made (a busy machine starts the child late) is already
+    gone: then the child ends here."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(0)
 
 
 @contextmanager
@@ -78,13 +95,39 @@ def _lowest_priority() -> None:
         os.nice(NICENESS)
 
 
-def _serve(handler_factory: Callable[[], object], jobs, replies, gate) -> None:
-    _die_with_parent()
+class _Progress:
+    """What the child shares with the campaign: messages handled, and since when (wall clock) it has
+    been waiting for a store, with that store's last error."""
+
+    def __init__(self, ctx):
+        self.handled = ctx.Value("q", 0)
+        self.stalled_since = ctx.Value("d", 0.0)
+        self.error = ctx.Array("c", 400)
+
+    def waiting(self, err: BaseException | None) -> None:
+        if err is None:
+            self.stalled_since.value = 0.0
+            return
+        if not self.stalled_since.value:
+            self.stalled_since.value = time.time()
+        self.error.value = describe(err).encode()[:399]
+
+
+def _serve(
+    handler_factory: Callable[[], object],
+    jobs,
+    replies,
+    gate,
+    progress: _Progress,
+    retry_for_s: float,
+    parent: int,
+):
+    _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _lowest_priority()
     failed = False
-    try:
-        handler = handler_factory()
+    try:  # at the lowest priority this may run late, when a store has gone away: waited for too
+        handler = with_retries(handler_factory, retry_for_s, progress.waiting)
     except BaseException as err:  # noqa: BLE001 - reported to the campaign
         replies.put(("error", str(err), isinstance(err, UserError)))
         failed = True
@@ -95,28 +138,58 @@ def _serve(handler_factory: Callable[[], object], jobs, replies, gate) -> None:
         method, args = message
         if method == "sync":
             replies.put(("synced", args))
-        elif not failed:  # after a failure the rest is dropped: writing out of order would be worse
+            continue
+        if not failed:  # after a failure the rest is dropped: writing out of order would be worse
             try:
-                with gate:
-                    getattr(handler, method)(*args)
+                with_retries(
+                    partial(_handle, gate, getattr(handler, method), args), retry_for_s, progress.waiting
+                )
             except BaseException as err:  # noqa: BLE001 - reported to the campaign
                 user = isinstance(err, UserError)  # told as is: its message is the whole story
                 replies.put(("error", str(err) if user else f"{type(err).__name__}: {err}", user))
                 failed = True
+        with progress.handled.get_lock():
+            progress.handled.value += 1
+
+
+def _handle(gate, call: Callable, args: tuple) -> None:
+    with gate:
+        call(*args)
 
 
 class BackgroundWriter:
     """An ordered message queue served by a child process."""
 
-    def __init__(self, handler_factory: Callable[[], object], name: str = "vitnas-writer"):
+    def __init__(
+        self,
+        handler_factory: Callable[[], object],
+        name: str = "vitnas-writer",
+        *,
+        retry_for_s: float = RETRY_FOR_S,
+        max_backlog: int = MAX_BACKLOG,
+        lag: int | None = None,
+    ):
         ctx = _context()
         self._jobs, self._replies, self._gate = ctx.Queue(), ctx.Queue(), ctx.Lock()
+        self._progress = _Progress(ctx)
         self._process = ctx.Process(
-            target=_serve, args=(handler_factory, self._jobs, self._replies, self._gate), name=name, daemon=True
+            target=_serve,
+            args=(
+                handler_factory,
+                self._jobs,
+                self._replies,
+                self._gate,
+                self._progress,
+                retry_for_s,
+                os.getpid(),
+            ),
+            name=name,
+            daemon=True,
         )
         with _sigint_deferred():  # not interrupted half-way; the child ignores Ctrl-C from its start
             self._process.start()
-        self._syncs = 0
+        self._syncs = self._submitted = 0
+        self._max_backlog, self._lag = max_backlog, lag
         self._failure: tuple | None = None
 
     def _raise(self, reply: tuple) -> None:
@@ -136,10 +209,33 @@ class BackgroundWriter:
                     reply = None
                 if reply is not None and reply[0] == "error":  # (a "synced" of an interrupted drain is stale)
                     self._failure = reply
-            if self._failure is None:
-                self._jobs.put((method, args))
         if self._failure is not None:
             self._raise(self._failure)
+        self._wait_for_room()
+        with _sigint_deferred():
+            self._jobs.put((method, args))
+            self._submitted += 1
+
+    def backlog(self) -> int:
+        """Messages submitted and not yet handled."""
+        return self._submitted - self._progress.handled.value
+
+    def _wait_for_room(self) -> None:
+        """Past ``max_backlog`` with the writer waiting for a store: ``StoreOutage``. Behind by more
+        than ``lag`` (or ``max_backlog``) while it writes: wait for it."""
+        while True:
+            backlog, since = self.backlog(), self._progress.stalled_since.value
+            if since and backlog >= self._max_backlog:
+                error = self._progress.error.value.decode(errors="replace")
+                raise StoreOutage(
+                    f"the campaign's records are {backlog // 2} trials behind: a store has not answered for "
+                    f"{time.time() - since:.0f} s ({error}); stopped: run the same command again once it "
+                    "answers, to resume (the trials not yet recorded run again)"
+                )
+            if backlog < self._max_backlog and (since or self._lag is None or backlog <= self._lag):
+                return
+            self._check_alive()
+            time.sleep(0.02)
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -191,3 +287,10 @@ class BackgroundWriter:
             self._process.join()
         self._jobs.close()
         self._replies.close()
+
+    def abort(self) -> None:
+        """End the child now, dropping what is queued (it may be waiting for a store that is away)."""
+        self._process.kill()
+        self._process.join()
+        self._jobs.cancel_join_thread()  # messages still in the pipe are dropped, not flushed
+        self.close()

@@ -8,6 +8,8 @@ front over all finished trials is recomputed and tagged at the end of every run.
 The loop asks and tells an in-memory copy of the study; the study's storage and MLflow get every
 trial from a background writer (``nas.search.mirror``), paused while latency is measured, so
 store writes cost a trial almost nothing. Ctrl-C lets the writer finish before the campaign ends.
+On a PostgreSQL study, several processes (machines) may run one campaign together: each claims its
+trials in the study (``nas.search.workers``), and the budget holds for all of them.
 
 With a latency predictor, a candidate is measured only when it may matter: predicted within
 the budget and not clearly dominated by what is already measured. Before the front is
@@ -26,20 +28,22 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from nas.errors import UserError
+from nas.names import ACCURACY, ARCH_HASH, FAILURE, FINGERPRINT, FROZEN_WEIGHTS, LATENCY, OBJECTIVES
 from nas.pareto import pareto_front
+from nas.retry import StoreOutage
 from nas.search.lock import campaign_lock
-from nas.search.mirror import RUN_ID, RunOutcome, StudyMirror
+from nas.search.mirror import INTERRUPTED, RUN_ID, RunOutcome, StudyMirror, counts_toward_budget
 from nas.search.samplers import make_sampler
 from nas.search.scoring import Score, Scorer, make_scorer
-from nas.search.storage import open_storage
+from nas.search.storage import is_shared, open_storage
+from nas.search.workers import LAG, LocalBudget, SharedBudget, worker_seed
 from nas.space import SearchSpace
-from nas.tracking import FAILURE, Campaign
+from nas.tracking import Campaign
 
 #: A candidate is skipped (not measured) when predicted this much over the budget ...
 BUDGET_MARGIN = 0.10
 #: ... or when a measured trial is at least this much more accurate and predicted faster by this margin.
 DOMINANCE_MARGIN = (0.005, 0.10)
-INTERRUPTED = "vitnas.interrupted"
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,7 @@ class CampaignConfig:
     weights: str | None = None  # timm spaces: the model's weights (default: the space's weights:)
     eval_device: str = "auto"  # where accuracy is computed: auto, cpu, cuda or cuda:N
     val_subset: int | None = None  # accuracy on this many validation images (seeded, class-balanced)
+    heartbeat_s: float = 10.0  # a worker on a shared study shows it is alive this often
 
     def resolved(self) -> CampaignConfig:
         """Defaults filled in: study, MLflow and latency cache on sqlite files in the workspace."""
@@ -77,6 +82,9 @@ class CampaignConfig:
             **{
                 **asdict(self),
                 "workspace": str(ws),
+                # absolute, so the record means the same file wherever it is read from
+                "supernet": _absolute(self.supernet),
+                "weights": _absolute(self.weights),
                 "storage": self.storage or f"sqlite:///{ws / 'optuna.db'}",
                 "tracking_uri": self.tracking_uri or default_tracking_uri(ws),
                 "cache_url": self.cache_url or default_url(ws),
@@ -84,12 +92,25 @@ class CampaignConfig:
         )
 
 
+def _absolute(path: str | None) -> str | None:
+    return None if path is None else str(Path(path).resolve())
+
+
 def scorer_for(config: CampaignConfig, space: SearchSpace) -> Scorer:
     """The scorer a (resolved) campaign config asks for."""
-    return make_scorer(space, target=config.target, workspace=config.workspace, cache_url=config.cache_url,
-                       supernet=config.supernet, data=config.data, predictor=config.predictor,
-                       measure_budget_s=config.measure_budget_s, weights=config.weights,
-                       eval_device=config.eval_device, val_subset=config.val_subset)
+    return make_scorer(
+        space,
+        target=config.target,
+        workspace=config.workspace,
+        cache_url=config.cache_url,
+        supernet=config.supernet,
+        data=config.data,
+        predictor=config.predictor,
+        measure_budget_s=config.measure_budget_s,
+        weights=config.weights,
+        eval_device=config.eval_device,
+        val_subset=config.val_subset,
+    )
 
 
 @dataclass
@@ -113,47 +134,78 @@ def run_campaign(
     created: a second process on the same campaign stops there, and the first goes on untouched.
     """
     config = config.resolved()
-    with lock_for(config):
+    with lock_for(config, shared=True):
         return _run_locked(config, space, scorer, progress)
 
 
-def lock_for(config: CampaignConfig):
-    """The lock of a (resolved) campaign: held by the one process that writes it (both backends)."""
-    return campaign_lock(config.name, config.storage, config.workspace)
+def lock_for(config: CampaignConfig, shared: bool = False):
+    """The lock of a (resolved) campaign: held by the one process that writes it (both backends), or,
+    ``shared``, by every local worker of a campaign on PostgreSQL (which keeps a Ray driver out)."""
+    return campaign_lock(config.name, config.storage, config.workspace, shared=shared)
 
 
 def _run_locked(config: CampaignConfig, space: SearchSpace, scorer: Scorer, progress: bool) -> CampaignResult:
-    storage = open_storage(config.storage)
-    study = _open_study(config, space, scorer, storage)
-    tracker = Campaign(config.tracking_uri, config.name)
-    tracker.start_or_resume(
-        params=_campaign_params(config, space, scorer), tags=_campaign_tags(config, space, scorer)
-    )
-    _fail_interrupted(study, tracker)
-    todo = max(0, config.trials - _done(study))
+    shared = None
+    if is_shared(config.storage):
+        shared = SharedBudget(config.storage, config.name, config.trials, config.heartbeat_s)
+    try:
+        return _run_budgeted(config, space, scorer, progress, shared)
+    finally:
+        if shared is not None:
+            shared.close()
+
+
+def _run_budgeted(config, space, scorer, progress, shared: SharedBudget | None) -> CampaignResult:
+    """The campaign alone on its study (``shared`` None), or as one worker of a shared one."""
+    sampler = None
+    with nullcontext() if shared is None else shared.section():  # workers starting together: one at a time
+        storage = open_storage(config.storage)
+        study = _open_study(config, space, scorer, storage)
+        tracker = Campaign(config.tracking_uri, config.name)
+        tracker.start_or_resume(
+            params=_campaign_params(config, space, scorer), tags=_campaign_tags(config, space, scorer)
+        )
+        if shared is None:
+            _fail_interrupted(study, tracker)
+            slots = LocalBudget(_done(study), config.trials)
+        else:
+            ordinal = shared.join(study, storage, tracker)  # dead workers' trials: failed by its claims
+            sampler = make_sampler(config.sampler, worker_seed(config.seed, ordinal), config.trials)
+            slots = shared
     ran = 0
     bar = tqdm(
         total=config.trials,
-        initial=config.trials - todo,
+        initial=min(slots.done, config.trials),
         desc=f"campaign {config.name}",
         unit="trial",
         disable=not progress,
         dynamic_ncols=True,
     )
-    mirror = StudyMirror.start(study, storage, tracker, run_tags=_identity_tags(scorer))
+    lag = None if shared is None else LAG
+    mirror = StudyMirror.start(
+        study, storage, tracker, run_tags=_identity_tags(scorer), sampler=sampler, lag=lag
+    )
     writer = mirror.writer
     try:
-        for _ in range(todo):
-            _run_trial(mirror, space, scorer, config)
-            ran += 1
-            bar.update()
-            if progress:  # the note reads every finished trial: only for a bar someone sees
-                bar.set_postfix_str(_progress_note(mirror.working, config.latency_budget_ms))
+        with slots.running():
+            while _run_trial(mirror, space, scorer, config, slots):
+                ran += 1
+                bar.update(min(slots.done, config.trials) - bar.n)
+                if progress:  # the note reads every finished trial: only for a bar someone sees
+                    bar.set_postfix_str(_progress_note(mirror.working, config.latency_budget_ms))
         writer.drain()
+        if shared is not None:
+            shared.close_orphans(tracker)
+    except StoreOutage:
+        writer.abort()  # it waits for a store that stays away: what it holds runs again on resume
+        raise
     except KeyboardInterrupt:
         bar.close()
         writer.drain()  # what was told is written
-        _fail_interrupted(study, tracker)  # Ctrl-C between a trial's writes can leave it RUNNING
+        if shared is None:  # Ctrl-C between a trial's writes can leave it RUNNING
+            _fail_interrupted(study, tracker)
+        else:
+            shared.abandon(tracker)  # this worker's own trials only
         _finalise(study, space, scorer, tracker, config)
         tracker.end("KILLED")
         raise
@@ -180,10 +232,10 @@ def _open_study(
     )
     # the objectives' names, in the order of ``directions`` and of the values told, for optuna-dashboard
     # and trials_dataframe (not "Objective 0/1"); written once, a no-op on resume
-    if study.metric_names != ["val_accuracy", "latency_ms"]:
+    if study.metric_names != [ACCURACY, LATENCY]:
         with warnings.catch_warnings():  # experimental since Optuna 3.2: it warns on every call
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names(["val_accuracy", "latency_ms"])
+            study.set_metric_names([ACCURACY, LATENCY])
     # what the trials' values depend on: a study's trials all agree on it (a validation subset
     # changes the accuracies; the eval device does not, so it may change on resume)
     identity = {
@@ -223,33 +275,47 @@ def _fail_interrupted(study: optuna.Study, tracker: Campaign) -> None:
 
 def _done(study: optuna.Study) -> int:
     """Trials that count towards the budget: completed, or failed on their own (not interrupted)."""
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
-    return sum(1 for t in trials if not t.user_attrs.get(INTERRUPTED))
+    return sum(map(counts_toward_budget, study.get_trials(deepcopy=False)))
 
 
 # -- one trial -----------------------------------------------------------------------------------
-def _run_trial(mirror: StudyMirror, space, scorer: Scorer, config: CampaignConfig) -> None:
+def _run_trial(mirror: StudyMirror, space, scorer: Scorer, config: CampaignConfig, slots) -> bool:
+    """The next trial: proposed, claimed (``nas.search.workers``), scored, told; False once the
+    budget is done."""
     study = mirror.working
-    trial = study.ask()
-    arch = space.from_trial(trial)
-    trial.set_user_attr("arch_hash", arch.arch_hash())
-    mirror.open(trial, arch)
+    found = slots.next_trial(mirror, lambda: _propose(study, space))
+    if found is None:
+        return False
+    trial, arch, claim = found
+    mirror.open(trial, arch, claim.row)
     try:
         policy = _measurement_policy(study, config)
-        score, failure = evaluate(scorer, arch, should_measure=policy, while_measuring=mirror.writer.paused)
+        quiet = slots.quiet(mirror.writer)
+        score, failure = evaluate(scorer, arch, should_measure=policy, while_measuring=quiet)
     except (KeyboardInterrupt, UserError) as err:
         if isinstance(err, KeyboardInterrupt):  # not the candidate's failure: resume runs another
             trial.set_user_attr(INTERRUPTED, True)
         study.tell(trial, state=TrialState.FAIL)
-        mirror.close(trial, run_outcome(None, "interrupted" if isinstance(err, KeyboardInterrupt) else str(err)))
+        mirror.close(
+            trial, run_outcome(None, "interrupted" if isinstance(err, KeyboardInterrupt) else str(err))
+        )
         raise
     if failure is None:
         annotate(trial, score.measured is not None, score.latency_ms, config.latency_budget_ms)
         study.tell(trial, [score.accuracy, score.latency_ms])
     else:
         study.tell(trial, state=TrialState.FAIL)
-        tqdm.write(f"trial {trial.number} failed: {failure}")
+        tqdm.write(f"trial {trial.number if claim.number is None else claim.number} failed: {failure}")
     mirror.close(trial, run_outcome(score, failure))
+    return True
+
+
+def _propose(study: optuna.Study, space: SearchSpace):
+    """A new trial of the in-memory study and its architecture."""
+    trial = study.ask()
+    arch = space.from_trial(trial)
+    trial.set_user_attr(ARCH_HASH, arch.arch_hash())
+    return trial, arch
 
 
 def evaluate(
@@ -358,7 +424,7 @@ def _measure_front(study, space, scorer: Scorer, tracker: Campaign) -> None:
         if not rows:
             return
         front = pareto_front(
-            [(r.metrics["val_accuracy"], r.metrics["latency_ms"]) for r in rows], ("max", "min")
+            [tuple(r.metrics[name] for name, _ in OBJECTIVES) for r in rows], [d for _, d in OBJECTIVES]
         )
         unmeasured = [rows[i] for i in front if rows[i].tags.get("measured") != "true"]
         if not unmeasured:
@@ -393,7 +459,7 @@ def _identity_tags(scorer: Scorer) -> dict[str, str]:
     params: the eval device may change when a campaign is resumed."""
     tags = {
         "target": scorer.target.key(),
-        "fingerprint": scorer.fingerprint.digest(),
+        FINGERPRINT: scorer.fingerprint.digest(),
         "eval_device": str(scorer.eval_device),
     }
     if scorer.weights_hash:
@@ -402,9 +468,12 @@ def _identity_tags(scorer: Scorer) -> dict[str, str]:
 
 
 def _campaign_tags(config: CampaignConfig, space: SearchSpace, scorer: Scorer) -> dict:
-    return {
+    tags = {
         "space_hash": space.content_hash(),
         **_identity_tags(scorer),
         "sampler": config.sampler,
         "optuna_storage": config.storage,
     }
+    if scorer.candidates.frozen is not None:
+        tags[FROZEN_WEIGHTS] = str(scorer.candidates.frozen)  # the weights scored, as export reads them
+    return tags

@@ -12,7 +12,10 @@ and on a new workspace both migrate the new MLflow and Optuna databases at once 
   process ends, however it ends, so a killed search leaves nothing stale behind.
 - the study on PostgreSQL: a session advisory lock (``pg_try_advisory_lock``) on a hash of the
   campaign name, on a connection held open for the whole run (the server drops it with the
-  session); the holder is named through its connection's ``application_name``.
+  session); the holder is named through its connection's ``application_name``. There, several
+  local ``vitnas search`` processes may run one campaign together (``nas.search.workers``): they
+  take the lock ``shared``, which keeps out only a process that takes it alone (a Ray driver).
+  A restarted server drops the lock with the session; the run goes on without it.
 - any other database: the ``flock`` in the workspace.
 
 Reentrant within a process: a caller may take the lock early (before loading a supernet, say)
@@ -21,6 +24,7 @@ and ``run_campaign`` then takes it again for free.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -31,6 +35,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 from nas.errors import UserError
@@ -43,12 +48,14 @@ _HELD: dict[tuple[str, str], int] = {}  # (kind, key) -> depth, for this process
 
 
 @contextmanager
-def campaign_lock(name: str, storage: str, workspace: str | Path) -> Iterator[None]:
+def campaign_lock(name: str, storage: str, workspace: str | Path, shared: bool = False) -> Iterator[None]:
     """Hold the lock of campaign ``name`` (its Optuna study at the SQLAlchemy URL ``storage``)
-    inside the block; ``UserError`` naming the holder when another process has it."""
+    inside the block; ``UserError`` naming the holder when another process has it. ``shared``:
+    on PostgreSQL, other shared holders are welcome (elsewhere the lock is always exclusive)."""
     backend = storage.split(":", 1)[0].split("+", 1)[0].lower()
     if backend in ("postgresql", "postgres"):
-        kind, key, lock = "pg", f"{storage}\n{name}", _pg_lock
+        kind, key = "pg-shared" if shared else "pg", f"{storage}\n{name}"
+        lock = partial(_pg_lock, shared=shared)
     else:
         key = str(lock_path(name, storage, workspace))
         kind, lock = "file", _file_lock
@@ -93,10 +100,10 @@ def _holder() -> dict:
     }
 
 
-def _busy(name: str, holder: dict | None) -> UserError:
+def _busy(name: str, holder: dict | None, rule: str = "one process per campaign") -> UserError:
     who = f"pid {holder['pid']} on {holder['host']} since {holder['since']}" if holder else "another process"
     return UserError(
-        f"campaign {name!r} is being run by {who}: one process per campaign; "
+        f"campaign {name!r} is being run by {who}: {rule}; "
         "wait for it to end (or stop it), then run the same command to resume"
     )
 
@@ -148,26 +155,42 @@ def pg_key(name: str) -> int:
 
 
 @contextmanager
-def _pg_lock(name: str, key: str) -> Iterator[None]:
+def _pg_lock(name: str, key: str, shared: bool) -> Iterator[None]:
     from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import DBAPIError, OperationalError
     from sqlalchemy.pool import NullPool
+
+    from nas.errors import explain_database_error
+    from nas.search.storage import shown
 
     storage = key.split("\n", 1)[0]
     engine = create_engine(storage, poolclass=NullPool)
-    lock = pg_key(name)
+    lock, suffix = pg_key(name), "_shared" if shared else ""
     try:
+        try:
+            conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        except OperationalError as err:  # before anything runs: told at once, naming the store
+            raise UserError(
+                f"Optuna storage {shown(storage)}: {explain_database_error(err.orig or err)}"
+            ) from None
         # autocommit: a session lock outlives transactions, and none is left open for hours
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        with conn:
             app = _PG_APP.format(pid=os.getpid(), start=int(time.time()), host=socket.gethostname())[:63]
             conn.execute(text("select set_config('application_name', :app, false)"), {"app": app})
-            if not conn.execute(text("select pg_try_advisory_lock(:k)"), {"k": lock}).scalar():
-                raise _busy(name, _pg_holder(conn, lock))
+            if not conn.execute(text(f"select pg_try_advisory_lock{suffix}(:k)"), {"k": lock}).scalar():
+                rule = "its local workers and a Ray driver cannot run it at once" if shared else _PG_RULE
+                raise _busy(name, _pg_holder(conn, lock), rule)
             try:
                 yield
             finally:
-                conn.execute(text("select pg_advisory_unlock(:k)"), {"k": lock})
+                with contextlib.suppress(DBAPIError):  # a restarted server ended the session, and the lock
+                    conn.execute(text(f"select pg_advisory_unlock{suffix}(:k)"), {"k": lock})
     finally:
         engine.dispose()
+
+
+#: Why a Ray driver is refused on a PostgreSQL campaign that another process runs.
+_PG_RULE = "a Ray campaign runs alone (several local `vitnas search` workers may share one)"
 
 
 def _pg_holder(conn, lock: int) -> dict | None:

@@ -32,7 +32,9 @@ from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from nas.errors import UserError
+from nas.families import family_of
 from nas.hardware.target import Target
+from nas.names import ARCH_HASH, FINGERPRINT, LATENCY, OBJECTIVES
 from nas.search.campaign import (
     CampaignConfig,
     CampaignResult,
@@ -56,7 +58,6 @@ from nas.search.storage import open_storage
 from nas.space import SearchSpace
 from nas.tracking import Campaign
 
-OBJECTIVES = (("val_accuracy", "max"), ("latency_ms", "min"))
 NUMBER = "vitnas_trial_number"  # the Optuna trial number, passed to the trainable with the params
 FAILED = "vitnas_failure"
 #: Restores of a fit that ended with errored trials (each trial also has its own retries).
@@ -146,7 +147,7 @@ def _run_ray_locked(
         tags["eval_device"] = trials.eval_device
     tracker.start_or_resume(params=_campaign_params(config, space, scorer), tags=tags)
     ray.init(address=options.address, ignore_reinit_error=True, log_to_driver=progress)
-    job = _Job(trials, space, tracker.parent_run_id, _pack(config, space))
+    job = _Job(trials, space, tracker.parent_run_id, _pack(scorer))
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, job=job), trial_resources(scorer.target, options)
     )
@@ -206,7 +207,9 @@ def _tune_reports(results: list) -> dict[int, dict]:
     A restored searcher only knows the trials it had suggested by its last checkpoint; a trial
     suggested after that and finished after the restore reached Tune but not the study.
     """
-    return {int(r.metrics[NUMBER]): r.metrics for r in results if r.error is None and NUMBER in (r.metrics or {})}
+    return {
+        int(r.metrics[NUMBER]): r.metrics for r in results if r.error is None and NUMBER in (r.metrics or {})
+    }
 
 
 def _logged_reports(study: optuna.Study, tracker: Campaign) -> dict[int, dict]:
@@ -215,7 +218,7 @@ def _logged_reports(study: optuna.Study, tracker: Campaign) -> dict[int, dict]:
     reports = {}
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         done = tracker.finished_trial(trial.number)
-        if done is not None and done.arch_hash == trial.user_attrs.get("arch_hash"):
+        if done is not None and done.arch_hash == trial.user_attrs.get(ARCH_HASH):
             reports[trial.number] = {RUN_ID: done.run_id, **done.metrics}
     return reports
 
@@ -233,7 +236,7 @@ def tell(study: optuna.Study, trial: optuna.Trial, result: dict | None, budget_m
     if result.get(FAILED) or None in values:
         study.tell(trial, state=TrialState.FAIL)
         return
-    annotate(trial, True, result["latency_ms"], budget_ms)
+    annotate(trial, True, result[LATENCY], budget_ms)
     study.tell(trial, values)
 
 
@@ -298,7 +301,7 @@ class _Space:
 
     def __call__(self, trial) -> dict:
         arch = self.space.from_trial(trial)
-        trial.set_user_attr("arch_hash", arch.arch_hash())
+        trial.set_user_attr(ARCH_HASH, arch.arch_hash())
         return {NUMBER: trial.number}
 
 
@@ -327,26 +330,16 @@ class _Job:
     config: CampaignConfig
     space: SearchSpace
     parent_run_id: str
-    files: dict[str, bytes]  # file name -> content: the supernet checkpoint's, or the --weights file
+    files: dict[str, bytes]  # file name -> content: the frozen weights candidates inherit from
 
 
-def _pack(config: CampaignConfig, space: SearchSpace) -> dict[str, bytes]:
-    """The files a scorer reads: the supernet checkpoint (weights and sidecar; not the optimizer
-    state), or a timm model's weights file (``--weights`` or the space's ``weights:``)."""
-    if space.family == "timm":
-        from nas.timm_base import weights_file
-
-        path = weights_file(space, config.weights)
-        return {_WEIGHTS_FILE: path.read_bytes()} if path else {}
-    if not config.supernet:
-        return {}
-    from nas.supernet.checkpoint import SIDECAR, WEIGHTS, resolve
-
-    folder = resolve(config.supernet)
-    return {name: (folder / name).read_bytes() for name in (WEIGHTS, SIDECAR)}
+def _pack(scorer: Scorer) -> dict[str, bytes]:
+    """The files the scorer's candidates inherit from: the campaign's frozen copy of the supernet
+    checkpoint (weights and sidecar) or of a timm model's weights file."""
+    frozen = scorer.candidates.frozen
+    return {} if frozen is None else {p.name: p.read_bytes() for p in sorted(frozen.iterdir()) if p.is_file()}
 
 
-_WEIGHTS_FILE = "weights.safetensors"
 _STATE: dict[str, tuple[Scorer, Campaign]] = {}  # per worker process: reused actors keep their scorer
 
 
@@ -356,14 +349,15 @@ def _worker_state(job: _Job) -> tuple[Scorer, Campaign]:
     if key not in _STATE:
         # one folder per driver workspace, as the local backend has one latency cache per workspace
         root = Path(tempfile.gettempdir()) / "vitnas-ray" / _digest(job.config.workspace)
-        files = _unpack(job.files, root / "inputs" / job.parent_run_id) if job.files else None
-        timm = job.space.family == "timm"
+        inputs = {"supernet": None, "weights": None}
+        if job.files:
+            folder = _unpack(job.files, root / "inputs" / job.parent_run_id)
+            inputs = family_of(job.space).worker_inputs(folder)
         cache_url = job.config.cache_url
         local = replace(
             job.config,
             workspace=str(root),
-            supernet=files if files and not timm else None,
-            weights=str(Path(files) / _WEIGHTS_FILE) if files and timm else None,
+            **inputs,
             cache_url=None if cache_url.startswith("sqlite:") else cache_url,  # a sqlite file is node-local
         ).resolved()
         tracker = Campaign(job.config.tracking_uri, job.config.name)
@@ -415,7 +409,7 @@ def _trainable(params: dict, job: _Job) -> None:
     run_id = tracker.trial_run(number, arch, tags=tags)
     score, failure = evaluate(scorer, arch)
     log_outcome(tracker, run_id, score, failure)
-    report = {NUMBER: number, RUN_ID: run_id, "fingerprint": tags["fingerprint"], **node}
+    report = {NUMBER: number, RUN_ID: run_id, FINGERPRINT: tags[FINGERPRINT], **node}
     report.update(score.metrics() if score is not None else {})
     if failure is not None:
         report[FAILED] = failure[:500]

@@ -1,11 +1,10 @@
 """Scoring one candidate: accuracy, FLOPs, params and latency on the target.
 
 ``Scorer`` holds what every trial of a campaign shares (the data, the weights, the target, the
-latency cache) and turns an architecture into a ``Score``. Two families:
-
-- ``SupernetScorer``: a PSViT architecture evaluated with weights inherited from the supernet;
-  its latency is that of the extracted stand-alone subnet (no supernet machinery in the timing).
-- ``TimmScorer``: a timm ViT patched with a reduction schedule, evaluated with the space's weights.
+latency cache) and turns an architecture into a ``Score``. What a candidate's network is and which
+weights it inherits is its family's business (``nas.families``: ``Candidates``): a psvit subnet
+extracted from the supernet, or a timm ViT patched with a reduction schedule. Either way accuracy
+and latency are taken on the stand-alone network that export would write.
 
 Latency is measured unless the campaign's policy says the prediction is enough (a candidate
 clearly over the budget or off the front); then the predictor's estimate stands in, and the
@@ -16,6 +15,11 @@ A reference probe (``nas.hardware.measure.ReferenceProbe``, its baseline taken a
 measurement) is timed around every measurement; ``latency_noisy`` and ``latency_probe_ratio`` in
 the metrics say how far the number can be trusted.
 
+A model whose work depends on its input (AdaViT, ``family: adaptive``) is costed over a fixed,
+seeded sample of validation images (``nas.hardware.input_cost``): ``gflops`` is the mean over the
+images (``gflops_p90`` beside it), the latency the mean per batch over them (p10/p90 over the
+images), cached under the architecture, the images' hash and the weights' hash.
+
 Accuracy is computed on the campaign's eval device (``--eval-device``): the supernet or base
 model is moved there once, each validation batch as it is used. Latency is still measured on the
 target, whatever the eval device.
@@ -23,10 +27,8 @@ target, whatever the eval device.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -34,15 +36,21 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from nas.arch import ArchConfig, TimmArch
-from nas.errors import UserError
 from nas.evaluation import classification_accuracy
+from nas.families import Candidates, family_of
 from nas.hardware.cache import ResultCache
 from nas.hardware.fingerprint import Fingerprint
 from nas.hardware.flops import flops, params
+from nas.hardware.input_cost import (
+    cost_key,
+    fixed_sample,
+    input_flops,
+    is_input_dependent,
+    measure_over_inputs,
+)
 from nas.hardware.measure import MeasureResult, ReferenceProbe, measure_safely
 from nas.hardware.target import Target
-from nas.ops import timm_patch
+from nas.names import ACCURACY, LATENCY
 
 
 @dataclass
@@ -54,6 +62,7 @@ class Score:
     predicted_ms: float | None = None
     cached: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, float] = field(default_factory=dict)  # e.g. gflops_p90 of an input-dependent model
 
     @property
     def ok(self) -> bool:
@@ -67,9 +76,9 @@ class Score:
         return self.predicted_ms
 
     def metrics(self) -> dict[str, float]:
-        out = {"val_accuracy": self.accuracy, "gflops": self.gflops, "params_m": self.params_m}
+        out = {ACCURACY: self.accuracy, "gflops": self.gflops, "params_m": self.params_m}
         if self.latency_ms is not None:
-            out["latency_ms"] = self.latency_ms
+            out[LATENCY] = self.latency_ms
         if self.measured is not None and self.measured.ok:
             lat = self.measured.latency
             out.update(latency_p90_ms=lat.p90_ms, latency_p10_ms=lat.p10_ms, latency_cv=lat.cv)
@@ -79,21 +88,19 @@ class Score:
                 out["latency_probe_ratio"] = lat.probe_ratio
         if self.predicted_ms is not None:
             out["predicted_latency_ms"] = self.predicted_ms
+        out.update(self.extra)
         out.update({f"time_{k}_s": v for k, v in self.timings.items()})
         return out
 
 
-class Scorer(ABC):
+class Scorer:
     """What all trials of a campaign share; ``score`` is called once per candidate."""
 
-    data_spec: str | None = None  # the validation data's spec, for the campaign's record
-    weights_hash: str | None = None  # the weights' file hash, for the campaign's record
-    weights_tag = "weights_hash"  # the tag it is recorded under
     probe: ReferenceProbe | None = None  # made at the first measurement: its baseline is the session's start
 
     def __init__(
         self,
-        val_data,
+        candidates: Candidates,
         target: Target,
         fingerprint: Fingerprint,
         cache: ResultCache,
@@ -101,16 +108,31 @@ class Scorer(ABC):
         measure_budget_s: float = 2.0,
         eval_device: torch.device | str = "cpu",
     ):
-        self.val_data = val_data
+        self.candidates = candidates
+        self.val_data = candidates.val_data
         self.target, self.fingerprint, self.cache = target, fingerprint, cache
         self.predictor = predictor
         self.measure_budget_s = measure_budget_s
         self.eval_device = torch.device(eval_device)  # where ``build`` puts a candidate to score it
         self._scores: dict[str, Score] = {}  # by arch hash: samplers propose the same candidate again
 
-    @abstractmethod
+    @property
+    def data_spec(self) -> str | None:
+        """The validation data's spec, for the campaign's record."""
+        return self.candidates.data_spec
+
+    @property
+    def weights_hash(self) -> str | None:
+        """The hash of the weights file candidates inherit from, recorded under ``weights_tag``."""
+        return self.candidates.weights_hash
+
+    @property
+    def weights_tag(self) -> str:
+        return self.candidates.weights_tag
+
     def build(self, arch) -> nn.Module:
-        """The stand-alone network whose latency is measured."""
+        """The stand-alone network whose accuracy and latency are measured."""
+        return self.candidates.build(arch)
 
     def image_size(self, arch) -> int:
         return self.target.resolution or arch.image_size
@@ -121,12 +143,32 @@ class Scorer(ABC):
     def cost(self, model: nn.Module, arch) -> tuple[float, float]:
         """(GFLOPs, params in millions) at batch 1 and the target's resolution (on the eval device,
         where ``model`` is: the counts do not depend on it)."""
-        x = torch.zeros((1, *self.target.input_shape(self.image_size(arch))[1:]), device=self.eval_device)
-        return flops(model, x) / 1e9, params(model) / 1e6
+        return self.costs(model, arch)[:2]
 
-    def cached_latency(self, arch) -> MeasureResult | None:
+    def costs(self, model: nn.Module, arch) -> tuple[float, float, dict[str, float]]:
+        """``cost`` and more metrics: a model whose work depends on its input (AdaViT) is counted
+        over ``cost_inputs`` (mean GFLOPs, and ``gflops_p90`` etc.; ``nas.hardware.input_cost``)."""
+        if is_input_dependent(model):
+            counted = input_flops(model, self.cost_inputs())
+            return counted.mean, params(model) / 1e6, counted.metrics()
+        x = torch.zeros((1, *self.target.input_shape(self.image_size(arch))[1:]), device=self.eval_device)
+        return flops(model, x) / 1e9, params(model) / 1e6, {}
+
+    def cost_inputs(self) -> torch.Tensor:
+        """The fixed, seeded sample of validation images an input-dependent model's cost is taken over."""
+        if getattr(self, "_cost_inputs", None) is None:
+            self._cost_inputs = fixed_sample(self.val_data)
+        return self._cost_inputs
+
+    def latency_key(self, arch, model: nn.Module | None = None) -> str:
+        """The cache key: the architecture, and for an input-dependent model also its inputs and weights."""
+        if model is not None and is_input_dependent(model):
+            return cost_key(arch.arch_hash(), self.cost_inputs(), self.weights_hash)
+        return arch.arch_hash()
+
+    def cached_latency(self, arch, model: nn.Module | None = None) -> MeasureResult | None:
         """The cached result, unless it was flagged noisy: that one is measured again (and replaced)."""
-        cached = self.cache.get(arch.arch_hash(), self.fingerprint, self.target)
+        cached = self.cache.get(self.latency_key(arch, model), self.fingerprint, self.target)
         if cached is not None and cached.ok and cached.latency.noisy:
             return None
         return cached
@@ -136,11 +178,12 @@ class Scorer(ABC):
         if self.probe is None:
             self.probe = ReferenceProbe(self.target)
         shape = self.target.input_shape(self.image_size(arch))
-        result = measure_safely(
-            model, self.target, input_shape=shape, time_budget_s=self.measure_budget_s, rel_precision=0.02,
-            probe=self.probe,
-        )  # fmt: skip
-        self.cache.put(arch.arch_hash(), self.fingerprint, self.target, result)
+        options = dict(time_budget_s=self.measure_budget_s, rel_precision=0.02, probe=self.probe)
+        if is_input_dependent(model):  # over the fixed sample of images, not one blank image
+            result = measure_over_inputs(model, self.cost_inputs(), self.target, **options)
+        else:
+            result = measure_safely(model, self.target, input_shape=shape, **options)
+        self.cache.put(self.latency_key(arch, model), self.fingerprint, self.target, result)
         return result
 
     def score(
@@ -161,11 +204,13 @@ class Scorer(ABC):
         model = self.build(arch)
         accuracy = classification_accuracy(model, self.val_data, device=self.eval_device)["accuracy"]
         t1 = time.perf_counter()
-        gflops, params_m = self.cost(model, arch)
+        gflops, params_m, extra = self.costs(model, arch)
         t2 = time.perf_counter()
         timings.update(evaluate=t1 - t0, cost=t2 - t1)
-        score = Score(accuracy=accuracy, gflops=gflops, params_m=params_m, predicted_ms=self.predict(arch))
-        cached = self.cached_latency(arch)
+        score = Score(
+            accuracy=accuracy, gflops=gflops, params_m=params_m, predicted_ms=self.predict(arch), extra=extra
+        )
+        cached = self.cached_latency(arch, model)
         if cached is not None:
             score.measured, score.cached = cached, True
         elif should_measure is None or should_measure(accuracy, score.predicted_ms):
@@ -176,36 +221,6 @@ class Scorer(ABC):
         score.timings = timings
         self._scores[arch.arch_hash()] = score
         return score
-
-
-class SupernetScorer(Scorer):
-    """PSViT architectures with weights inherited from a trained supernet.
-
-    The extracted subnet's outputs equal the supernet's for its architecture, so accuracy and
-    latency are both taken on the stand-alone network that export would write.
-    """
-
-    weights_tag = "supernet_hash"
-
-    def __init__(self, supernet, **kwargs):
-        super().__init__(**kwargs)
-        self.supernet = supernet.to(self.eval_device)  # subnets are extracted where the supernet is
-
-    def build(self, arch: ArchConfig) -> nn.Module:
-        return self.supernet.extract(arch).eval()
-
-
-class TimmScorer(Scorer):
-    """A timm ViT patched in place with the candidate's reduction schedule."""
-
-    def __init__(self, base_model: nn.Module, **kwargs):
-        super().__init__(**kwargs)
-        self.base_model = base_model.to(self.eval_device)  # each candidate is a copy, made there
-
-    def build(self, arch: TimmArch) -> nn.Module:
-        model = copy.deepcopy(self.base_model).eval()
-        timm_patch.apply(model, arch.schedule)
-        return model
 
 
 def resolve_eval_device(spec: str, target: Target) -> torch.device:
@@ -235,9 +250,9 @@ def make_scorer(
     val_subset: int | None = None,
 ) -> Scorer:
     """The scorer a campaign over ``space`` needs: supernet weights (psvit) or a timm model with
-    ``weights`` (timm; default: the space's ``weights:``). Accuracy is computed on ``eval_device``
-    (``resolve_eval_device``), on the validation split or its seeded class-balanced ``val_subset``."""
-    from nas.data import load_splits
+    ``weights`` (timm; default: the space's ``weights:``), frozen under ``workspace``. Accuracy is
+    computed on ``eval_device`` (``resolve_eval_device``), on the validation split or its seeded
+    class-balanced ``val_subset``."""
     from nas.hardware.cache import ResultCache, default_url
     from nas.hardware.fingerprint import fingerprint
     from nas.hardware.target import Target
@@ -255,30 +270,8 @@ def make_scorer(
         from nas.hardware.predictor import LatencyPredictor
 
         shared["predictor"] = LatencyPredictor.load(predictor, expect=shared["fingerprint"], target=tgt)
-    if space.family == "timm":
-        from nas.timm_base import timm_base_model, weights_file
-        from nas.weights import file_hash
-
-        splits = load_splits(data or "digits", space.spec.image_size, val_subset=val_subset)
-        scorer = TimmScorer(base_model=timm_base_model(space, weights), val_data=splits.val, **shared)
-        scorer.data_spec = splits.spec.spec
-        path = weights_file(space, weights)
-        scorer.weights_hash = None if path is None else file_hash(path)
-        return scorer
-    if weights:
-        raise UserError(f"space {space.name} is a supernet space: --weights is for timm spaces, pass --supernet")
-    if not supernet:
-        raise UserError(
-            f"space {space.name} is a supernet space: pass --supernet CHECKPOINT (from vitnas train-supernet)"
-        )
-    from nas.supernet import load_checkpoint
-    from nas.supernet.checkpoint import WEIGHTS, resolve
-    from nas.weights import file_hash
-
-    net, meta = load_checkpoint(supernet, space)
-    spec, seed = data or meta["data"]["spec"], meta["data"].get("seed")
-    splits = load_splits(spec, space.spec.image_size, seed=seed, val_subset=val_subset)
-    scorer = SupernetScorer(supernet=net.eval(), val_data=splits.val, **shared)
-    scorer.data_spec = splits.spec.spec
-    scorer.weights_hash = file_hash(resolve(supernet) / WEIGHTS)
-    return scorer
+    candidates = family_of(space).candidates(
+        space, workspace=workspace, device=device, supernet=supernet, weights=weights, data=data,
+        val_subset=val_subset,
+    )  # fmt: skip
+    return Scorer(candidates, **shared)

@@ -1,23 +1,30 @@
-"""The Optuna storage of a campaign: opening it, and writing a running trial in one go."""
+"""The Optuna storage of a campaign: opening it, and whether several processes may share it."""
 
 from __future__ import annotations
 
-import json
 import pickle
 
 import optuna
-from optuna.distributions import distribution_to_json
-from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
 
-from nas.internals import optuna_rdb
+from nas.errors import UserError, explain_database_error
 from nas.sqlite_tuning import tune_sqlite
 
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """The Optuna storage at ``url`` (any SQLAlchemy URL); a sqlite file gets ``tune_sqlite``'s
-    settings: Optuna commits every suggested parameter on its own, and with each commit waiting
-    for the disk ~0.7 s of a psvit-digits trial went there, ~0.06 s with them."""
-    storage = optuna.storages.RDBStorage(url)
+    """The Optuna storage at ``url`` (any SQLAlchemy URL); ``UserError`` naming it (password hidden)
+    when its server cannot be reached. A sqlite file gets ``tune_sqlite``'s settings: Optuna commits
+    every suggested parameter on its own, and with each commit waiting for the disk ~0.7 s of a
+    psvit-digits trial went there, ~0.06 s with them. A server's pooled connections are checked
+    before use, so that a restarted database costs a reconnect, not an error."""
+    server = not url.startswith("sqlite:")
+    try:
+        storage = optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True} if server else None)
+    except OperationalError as err:
+        if not server:
+            raise  # a file's problem: nas.errors tells it with the file's name
+        raise UserError(f"Optuna storage {shown(url)}: {explain_database_error(err.orig or err)}") from None
     tune_sqlite(storage.engine)
     return storage
 
@@ -31,38 +38,19 @@ def reopened(storage: optuna.storages.RDBStorage) -> optuna.storages.RDBStorage:
     return copy
 
 
-def create_running_trial(storage: optuna.storages.RDBStorage, study_id: int, template: FrozenTrial) -> tuple[int, int]:
-    """Store ``template`` as a RUNNING trial with its parameters and attributes; ``(trial id, number)``.
+def is_shared(url: str) -> bool:
+    """Whether several ``vitnas search`` processes may run one campaign on this study: on
+    PostgreSQL (row locks, advisory locks, a server's clock). sqlite, and any other database, keep
+    one process per campaign (``nas.search.lock``)."""
+    try:
+        return make_url(url).get_backend_name() == "postgresql"
+    except ArgumentError:
+        return False
 
-    The same rows as ``storage.create_new_trial(study_id, template)``, written with one flush:
-    Optuna's own path queries the trial and the study's earlier parameters once per parameter
-    (~17 ms for a psvit-digits trial's 25 parameters, ~3 ms here). The earlier parameters'
-    distributions need no check: the template comes from a study that holds every stored trial.
-    Uses Optuna's table models (``nas.internals``; stable since Optuna 3); ``tests/search/test_mirror.py``
-    checks the result against Optuna's own path.
-    """
-    models, scoped_session = optuna_rdb()
-    with scoped_session(storage.scoped_session) as session:
-        models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
-        trial = models.TrialModel(
-            study_id=study_id, number=None, state=TrialState.RUNNING, datetime_start=template.datetime_start
-        )
-        session.add(trial)
-        session.flush()
-        rows = [
-            models.TrialParamModel(
-                trial_id=trial.trial_id,
-                param_name=name,
-                param_value=template.distributions[name].to_internal_repr(value),
-                distribution_json=distribution_to_json(template.distributions[name]),
-            )
-            for name, value in template.params.items()
-        ]
-        for model, attrs in (
-            (models.TrialUserAttributeModel, template.user_attrs),
-            (models.TrialSystemAttributeModel, template.system_attrs),
-        ):
-            rows += [model(trial_id=trial.trial_id, key=k, value_json=json.dumps(v)) for k, v in attrs.items()]
-        session.add_all(rows)
-        trial.number = trial.count_past_trials(session)
-        return trial.trial_id, trial.number
+
+def shown(url: str) -> str:
+    """A database URL as it may be printed: its password hidden."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url

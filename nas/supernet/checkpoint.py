@@ -5,7 +5,8 @@ A checkpoint folder (``WORKSPACE/supernet/<space-name>/``) holds
 - ``supernet.safetensors``: the supernet's weights (metadata: space name and hash, epoch);
 - ``optimizer.safetensors``: AdamW's per-parameter tensors, keyed ``<parameter>/<field>``;
 - ``supernet.json``: the sidecar: space (name, hash, validated content), data, epoch, seed,
-  hyperparameters, metrics history, the optimizer's scalar settings and the file names.
+  hyperparameters, metrics history, the optimizer's scalar settings and the file names, and once
+  ``vitnas rank-check`` measured these weights, its ``ranking`` (``nas.ranking``).
 
 Each epoch overwrites them: the two tensor files first, the sidecar last, each through a
 temporary file and an atomic rename. Nothing is ever unpickled (no ``torch.load``).
@@ -17,6 +18,7 @@ infinite parameters: a corrupted checkpoint must not be searched, exported or re
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -24,15 +26,16 @@ from safetensors.torch import save_file
 from torch import nn
 
 from nas.errors import UserError
-from nas.files import write_atomically
+from nas.files import freeze, write_atomically
 from nas.space import SearchSpace, space_from_dict
 from nas.supernet.supernet import Supernet, space_hash
-from nas.weights import check_finite, file_hash, read_metadata, read_tensors
+from nas.weights import check_file, check_finite, file_hash, read_metadata, read_tensors
 
 # /2: conv1d/avg pooling after an in-stage reduction reads the restored input positions (and
 # its conv kernel follows from them): /1 weights mean something else there
 FORMAT = "vitnas-supernet/2"
 WEIGHTS, OPTIMIZER, SIDECAR = "supernet.safetensors", "optimizer.safetensors", "supernet.json"
+FROZEN = "frozen"  # WORKSPACE/frozen/: checkpoints as campaigns scored them
 
 
 def checkpoint_dir(workspace: str | Path, space: SearchSpace) -> Path:
@@ -48,6 +51,25 @@ def resolve(path: str | Path) -> Path:
             f"{path}: no supernet checkpoint here (expected {SIDECAR} beside {WEIGHTS}, from vitnas train-supernet)"
         )
     return folder
+
+
+def freeze_checkpoint(path: str | Path, workspace: str | Path) -> Path:
+    """The checkpoint's weights and sidecar as they are now, in ``WORKSPACE/frozen/supernet-<weights
+    hash>/``: what a campaign scores and export reads, whatever later training writes over the
+    original. ``UserError`` when the checkpoint changed while being frozen (training still running)."""
+    folder = resolve(path)
+    digest = read_meta(folder)["weights_hash"]
+    check_file(folder / WEIGHTS, digest, folder / SIDECAR)  # a corrupted original is named as such
+    frozen = freeze(
+        {WEIGHTS: folder / WEIGHTS, SIDECAR: folder / SIDECAR},
+        Path(workspace).resolve() / FROZEN / f"supernet-{digest}",
+    )
+    if read_meta(frozen)["weights_hash"] != digest or file_hash(frozen / WEIGHTS) != digest:
+        shutil.rmtree(frozen, ignore_errors=True)
+        raise UserError(
+            f"{folder}: the checkpoint changed while it was being read (is training still writing it?)"
+        )
+    return frozen
 
 
 def read_meta(path: str | Path) -> dict:
@@ -113,7 +135,9 @@ def save_checkpoint(folder: Path, net: Supernet, optimizer: torch.optim.Optimize
         "epoch": str(meta["epoch"]),
     }
     write_atomically(folder / WEIGHTS, lambda tmp: save_file(_cpu(net.state_dict()), tmp, metadata=tag))
-    write_atomically(folder / OPTIMIZER, lambda tmp: save_file(optimizer_tensors(net, optimizer), tmp, metadata=tag))
+    write_atomically(
+        folder / OPTIMIZER, lambda tmp: save_file(optimizer_tensors(net, optimizer), tmp, metadata=tag)
+    )
     meta = {
         **meta,
         "format": FORMAT,
@@ -129,6 +153,45 @@ def save_checkpoint(folder: Path, net: Supernet, optimizer: torch.optim.Optimize
     }
     write_atomically(folder / SIDECAR, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
     return folder / WEIGHTS
+
+
+def write_ranking(path: str | Path, ranking: dict) -> Path:
+    """Add a rank-check's result (``nas.ranking``) to the sidecar as ``ranking``; returns the sidecar.
+
+    Only onto the weights it measured: ``UserError`` when the weights file no longer has the hash the
+    ranking was measured on (training went on meanwhile). Training's next epoch writes a sidecar
+    without it, as the ranking no longer describes those weights.
+    """
+    folder = resolve(path)
+    meta = read_meta(folder)
+    digest = ranking["weights_hash"]
+    if meta["weights_hash"] != digest or file_hash(folder / meta["files"]["weights"]) != digest:
+        raise UserError(
+            f"{folder}: the checkpoint changed while it was rank-checked (weights hash {meta['weights_hash']}, "
+            f"measured {digest}); run vitnas rank-check again once training has finished"
+        )
+    meta["ranking"] = ranking
+    return write_atomically(folder / SIDECAR, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+
+
+def fork_checkpoint(path: str | Path, dest: str | Path, **changes) -> Path:
+    """A copy of the checkpoint in folder ``dest`` that resumes (``train_supernet(..., resume=True)``)
+    with other supernet-only settings, e.g. ``pin``: how a few-shot split's sub-supernets (Zhao et al.
+    2021) start from the weights and optimizer state the whole space was trained to. Returns ``dest``."""
+    from nas.training.config import SUPERNET_ONLY
+
+    unknown = sorted(set(changes) - set(SUPERNET_ONLY))
+    if unknown:
+        raise ValueError(f"fork_checkpoint changes only supernet-only settings, not {unknown}")
+    folder, dest = resolve(path), Path(dest)
+    meta = read_meta(folder)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in meta["files"].values():
+        shutil.copy2(folder / name, dest / name)
+    meta["config"] = {**meta["config"], **changes}
+    meta.pop("ranking", None)
+    write_atomically(dest / SIDECAR, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    return dest
 
 
 # -- optimizer state ---------------------------------------------------------------------------

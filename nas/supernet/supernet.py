@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from nas.arch import ArchConfig
 from nas.errors import UserError
+from nas.families import require
 from nas.space import PsvitSpace, SearchSpace, load_space
 from nas.supernet import blocks
 from nas.supernet.subnet import VitnasSubnet, subnet_shapes
@@ -81,8 +82,7 @@ class Supernet(nn.Module):
     def __init__(self, space: SearchSpace | str):
         super().__init__()
         space = load_space(space) if isinstance(space, str) else space
-        if not isinstance(space.spec, PsvitSpace):
-            raise UserError(f"space {space.name!r} is family {space.family}: a supernet needs a psvit space")
+        require(space, "psvit", "a supernet")
         self.space, self.space_hash = space, space_hash(space)
         spec, maxima = space.spec, stage_maxima(space.spec)
         self.maxima = maxima

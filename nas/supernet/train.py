@@ -5,7 +5,9 @@ Every step trains, on each micro-batch, the largest subnet (cross-entropy with l
 the smallest (by default with its kinds drawn anew each step: see ``TrainConfig.smallest_kinds``)
 and ``random_subnets`` random ones (soft cross-entropy against the largest subnet's detached
 probabilities, plus ``subnet_label_weight`` times the hard-label cross-entropy); their gradients
-sum in the shared weights before the loop's one reduction and AdamW step.
+sum in the shared weights before the loop's one reduction and AdamW step. How the subnets are drawn
+(fair sampling, progressive shrinking, a few-shot pin) is ``nas.supernet.sampling``; each lever's
+measured effect on ranking trust is in ``benchmarks/results/supernet_ranking.json``.
 
 Determinism: every random stream of an epoch (batch order, augmentation, subnet draws) is seeded
 from ``(seed, epoch)`` alone and every rank draws the same subnets, and checkpoints fall on epoch
@@ -29,9 +31,16 @@ from torch import nn
 from nas.arch import ArchConfig
 from nas.data import DataSpec, Splits, load_splits
 from nas.errors import UserError
-from nas.space import SearchSpace, _ExtremeChooser, load_space
+from nas.families import require
+from nas.space import SearchSpace, load_space
 from nas.supernet import checkpoint as ckpt
 from nas.supernet.evaluate import evaluate
+from nas.supernet.sampling import (  # noqa: F401 (KIND_CHOICES, SmallestSizesChooser: re-exported)
+    KIND_CHOICES,
+    SmallestSizesChooser,
+    SubnetSampler,
+    parse_pin,
+)
 from nas.supernet.supernet import Supernet, space_hash
 from nas.training import augment, distributed
 from nas.training.batches import Batches, MicroBatch
@@ -41,56 +50,45 @@ from nas.training.loop import Hooks, StepContext, classification_loss, fit
 from nas.training.optim import make_optimizer
 from nas.training.seeds import stream_seed
 
-KIND_CHOICES = (".attention", ".pool", ".method")  # choices of a kind, not of a size
-
-
-class SmallestSizesChooser:
-    """The smallest sizes of a space with kinds drawn from ``rng``: the sandwich's lower bound
-    over sizes, without always training the same pooling and attention paths."""
-
-    def __init__(self, rng: random.Random):
-        self.rng, self.smallest = rng, _ExtremeChooser(largest=False)
-
-    def choose(self, name, options):
-        if name.endswith(KIND_CHOICES):
-            return self.rng.choice(list(options))
-        return self.smallest.choose(name, options)
-
 
 def sandwich_archs(space: SearchSpace, config: TrainConfig, draws: random.Random) -> list[ArchConfig]:
-    """One step's subnets: largest, smallest (kinds per ``config.smallest_kinds``), random ones."""
-    if config.smallest_kinds == "random":
-        smallest = space.draw(SmallestSizesChooser(draws))
-    else:
-        smallest = space.smallest()
-    return [space.largest(), smallest] + [space.sample(draws) for _ in range(config.random_subnets)]
+    """One step's subnets: largest, smallest (kinds per ``config.smallest_kinds``), random ones (drawn
+    as ``config`` asks, with the schedules fully open: see ``SubnetSampler`` for a run's epochs)."""
+    return SubnetSampler(space, config, draws).sandwich()
 
 
 class SandwichStep:
-    """The supernet's step: the sandwich's subnets on every micro-batch, distilled from the largest."""
+    """The supernet's step: the sandwich's subnets on every micro-batch, distilled from the largest
+    (``config.distill``; "none": every subnet learns from the labels alone)."""
 
     def __init__(self, space: SearchSpace, config: TrainConfig):
         self.space, self.config = space, config
-        self.draws = random.Random()
+        self.sampler = SubnetSampler(space, config)
 
     def start_epoch(self, epoch: int) -> None:
-        self.draws = random.Random(stream_seed(self.config.seed, epoch, "archs"))
+        self.sampler.start_epoch(epoch, random.Random(stream_seed(self.config.seed, epoch, "archs")))
 
     def __call__(self, net: nn.Module, batches: list[MicroBatch], ctx: StepContext) -> float:
-        archs = sandwich_archs(self.space, self.config, self.draws)
+        archs = self.sampler.sandwich()
+        smoothing, distill = self.config.label_smoothing, self.config.distill == "largest"
         losses = []
         for x, target in batches:
             with ctx.forward():
                 logits = net(x, archs[0])
-            loss = classification_loss(logits, target, self.config.label_smoothing)
+            loss = classification_loss(logits, target, smoothing)
             ctx.backward(loss)
             teacher = logits.detach().float().softmax(dim=-1)
             for arch in archs[1:]:
                 with ctx.forward():
                     student = net(x, arch)
+                if not distill:
+                    ctx.backward(classification_loss(student, target, smoothing))
+                    continue
                 loss_s = -(teacher * student.float().log_softmax(dim=-1)).sum(dim=-1).mean()
                 if self.config.subnet_label_weight:
-                    loss_s = loss_s + self.config.subnet_label_weight * classification_loss(student, target, 0.0)
+                    loss_s = loss_s + self.config.subnet_label_weight * classification_loss(
+                        student, target, 0.0
+                    )
                 ctx.backward(loss_s)
             losses.append(loss.detach())
         return torch.stack(losses).mean().item()
@@ -163,8 +161,9 @@ def train_supernet(
 def check_run(space: SearchSpace, config: TrainConfig, folder: Path, resume: bool, force: bool) -> None:
     """What ``train_supernet`` refuses before anything runs (a Ray Train driver checks it too): a
     space of another family, ``--compile``, and a checkpoint in ``folder`` without --resume or --force."""
-    if space.family != "psvit":
-        raise UserError(f"space {space.name!r} is family {space.family}: a supernet needs a psvit space")
+    require(space, "psvit", "a supernet")
+    if config.pin:
+        parse_pin(config.pin, space)
     if config.compile:
         raise UserError(
             "--compile: the supernet runs different subnets every step, which torch.compile would recompile "
@@ -195,13 +194,15 @@ def _train(
         return TrainResult(folder / ckpt.WEIGHTS, start, history, 0.0)
     if world.main:
         log(_batch_line(config, world, batches) + (f"; resuming at epoch {start}" if resume else ""))
-    largest, smallest = space.largest(), space.smallest()
+    extremes = SubnetSampler(space, config.replace(smallest_kinds="fixed"))  # a pinned run's own extremes
+    largest, smallest = extremes.largest(), extremes.smallest()
     t0 = time.perf_counter()
 
     def save(history: list[dict]) -> None:
         epoch = history[-1]["epoch"]
         meta = {
             "epoch": epoch, "config": config.to_dict(), "data": splits.spec.to_dict(), "history": history,
+            "normalisation": {"mean": list(splits.mean), "std": list(splits.std)},
             "complete": epoch == config.epochs, "augmentation": augment.describe(config.aug),
             "runtime": {**world.describe(), "precision": config.precision, "global_batch": config.batch_size},
         }  # fmt: skip
@@ -301,7 +302,9 @@ def _restore(
 class _Tracking:
     """The run's MLflow record (``nas.tracking.training_run``), or nothing without a tracking URI."""
 
-    def __init__(self, uri, space: SearchSpace, data: DataSpec, config: TrainConfig, folder: Path, start, world):
+    def __init__(
+        self, uri, space: SearchSpace, data: DataSpec, config: TrainConfig, folder: Path, start, world
+    ):
         self.uri = uri
         self.run_id, self._ctx, self._run = None, None, None
         if self.uri:

@@ -16,6 +16,13 @@ from nas.training.augment import AUG_PRESETS
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SMALLEST_KINDS = ("fixed", "random")
+SAMPLINGS = ("uniform", "fair")
+DISTILLS = ("largest", "none")
+#: settings only the supernet's sandwich step reads: a plain model trained with any values of them
+#: learns the same (``nas.ranking`` caches stand-alone runs without them)
+SUPERNET_ONLY = (
+    "random_subnets", "smallest_kinds", "subnet_label_weight", "sampling", "distill", "progressive_epochs", "pin",
+)  # fmt: skip
 #: settings a resumed run may change: they do not change what is being optimised
 RESUMABLE_CHANGES = ("epochs", "precision", "compile", "accum_steps", "loader_workers")
 
@@ -49,6 +56,18 @@ class TrainConfig:
     # weight of the hard-label cross-entropy added to the other subnets' distillation loss (OFA
     # uses both); it lifts the small subnets while the largest is still a poor teacher
     subnet_label_weight: float = 1.0
+    # how the random subnets' choices are drawn: "uniform" draws each choice afresh; "fair" deals each
+    # choice's options from a shuffled deck, so every option is trained equally often (FairNAS's strict
+    # fairness, Chu et al. 2021)
+    sampling: str = "uniform"
+    # what the smaller subnets learn from: "largest" (in-place distillation, BigNAS) or "none" (labels)
+    distill: str = "largest"
+    # progressive shrinking (OFA, Cai et al. 2020): over the first N epochs the size choices open from
+    # the largest option down, so small subnets join once the large ones have learnt; 0: off
+    progressive_epochs: float = 0.0
+    # "CHOICE=VALUE" (e.g. "s1.pool=tome"): train only the part of the space with that kind, one
+    # sub-supernet of a few-shot split (Zhao et al. 2021); "": the whole space
+    pin: str = ""
 
     def __post_init__(self):
         checks = [
@@ -61,6 +80,10 @@ class TrainConfig:
             ("accum_steps", self.accum_steps >= 1, "at least 1"), ("loader_workers", self.loader_workers >= 0, "0 or more"),
             ("random_subnets", self.random_subnets >= 0, "0 or more"),
             ("smallest_kinds", self.smallest_kinds in SMALLEST_KINDS, f"one of {', '.join(SMALLEST_KINDS)}"),
+            ("sampling", self.sampling in SAMPLINGS, f"one of {', '.join(SAMPLINGS)}"),
+            ("distill", self.distill in DISTILLS, f"one of {', '.join(DISTILLS)}"),
+            ("progressive_epochs", 0 <= self.progressive_epochs <= self.epochs, "between 0 and --epochs"),
+            ("pin", not self.pin or self.pin.count("=") == 1, "CHOICE=VALUE, e.g. s1.pool=tome"),
         ]  # fmt: skip
         for name, ok, allowed in checks:
             if not ok:

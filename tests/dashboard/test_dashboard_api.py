@@ -23,8 +23,9 @@ from sqlalchemy.engine import make_url
 
 from nas.cli import build_parser
 from nas.errors import UserError
+from nas.names import CAMPAIGN
 from nas.pareto import best_under_budget
-from nas.tracking import CAMPAIGN, run_url
+from nas.tracking import run_url
 
 
 def fetch(url: str, method: str = "GET", headers: dict | None = None) -> tuple[int, dict, bytes]:

@@ -364,16 +364,12 @@ class _Arch:
 
 
 def _scorer(cache):
+    from nas.families import Candidates
     from nas.hardware.fingerprint import fingerprint
     from nas.search.scoring import Scorer
 
-    class TinyScorer(Scorer):
-        def build(self, arch):
-            return tiny_cnn()
-
-    return TinyScorer(
-        val_data=None, target=TARGET, fingerprint=fingerprint(TARGET), cache=cache, measure_budget_s=0.2
-    )
+    candidates = Candidates(lambda arch: tiny_cnn(), None, None, None, "weights_hash")
+    return Scorer(candidates, target=TARGET, fingerprint=fingerprint(TARGET), cache=cache, measure_budget_s=0.2)
 
 
 def test_the_scorer_probes_records_and_flags_in_the_trial_metrics():

@@ -206,6 +206,9 @@ def test_table_from_another_machine_refused_unless_forced(tiny, tmp_path):
     assert forced.fingerprint == other
     with pytest.raises(UserError, match="built for target"):
         LatencyPredictor.load(path, expect=other, target=Target.parse("cpu:threads=1,batch=1"))
+    onnx = dataclasses.replace(TARGET, backend="onnxruntime")  # a table is per backend too
+    with pytest.raises(UserError, match="built for target"):
+        LatencyPredictor.load(path, expect=here, target=onnx, force=True)
 
 
 def test_interrupted_table_is_refused(tiny, tmp_path):

@@ -19,12 +19,13 @@ from mlflow.entities import Run
 from optuna.trial import TrialState
 
 from nas.data import load_splits
+from nas.names import CAMPAIGN, ROLE
 from nas.search.campaign import INTERRUPTED, CampaignConfig, scorer_for
 from nas.search.scoring import Scorer
 from nas.space import SearchSpace, load_space
 from nas.supernet import Supernet
 from nas.supernet.checkpoint import save_checkpoint
-from nas.tracking import CAMPAIGN, ROLE, Campaign, TrialRecord
+from nas.tracking import Campaign, TrialRecord
 from nas.training.config import TrainConfig
 from nas.training.optim import make_optimizer
 

@@ -158,3 +158,77 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+# -- a store that goes away ------------------------------------------------------------------------
+class HttpStore:
+    """A handler that posts each record to an HTTP server on 127.0.0.1 (a tracking server's stand-in:
+    a real socket, refused while nothing listens)."""
+
+    def __init__(self, port: int):
+        self.port = port
+
+    def post(self, text: str) -> None:
+        import requests
+
+        requests.post(f"http://127.0.0.1:{self.port}/", data=text, timeout=5).raise_for_status()
+
+
+class Received:
+    """The HTTP server that receives the records, on a port chosen before it listens."""
+
+    def __init__(self):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.records: list[str] = []
+
+    def listen(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        records = self.records
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                records.append(self.rfile.read(int(self.headers["Content-Length"])).decode())
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_records_wait_for_a_store_that_is_away_and_are_written_once_it_is_back():
+    store = Received()
+    writer = BackgroundWriter(partial(HttpStore, store.port))
+    try:
+        for i in range(5):
+            writer.submit("post", str(i))  # nothing listens: queued, the first one retried
+        time.sleep(1)  # (the writer meets the refusal meanwhile)
+        assert writer.backlog() == 5 and store.records == []
+        store.listen()
+        writer.drain()
+        assert store.records == [str(i) for i in range(5)]  # in order, each once
+    finally:
+        writer.close()
+        if hasattr(store, "server"):
+            store.server.shutdown()
+
+
+def test_past_its_bound_the_queue_stops_the_campaign_in_one_line():
+    from nas.retry import StoreOutage
+
+    writer = BackgroundWriter(partial(HttpStore, Received().port), max_backlog=4)
+    try:
+        for i in range(4):
+            writer.submit("post", str(i))
+        with pytest.raises(StoreOutage, match=r"records are 2 trials behind: a store has not answered for \d+ s "
+                                              r"\(.*Connection refused.*\); stopped: run the same command again"):  # fmt: skip
+            writer.submit("post", "4")
+    finally:
+        writer.abort()  # it would wait for the store for minutes

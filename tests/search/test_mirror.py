@@ -1,5 +1,5 @@
-"""The in-memory study and its writer: rows equal to Optuna's own, trial numbers guarded, and no
-store write while a latency is measured."""
+"""The in-memory study and its writer: claimed rows equal to Optuna's own, trial numbers guarded,
+and no store write while a latency is measured."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ from optuna.trial import TrialState
 
 from nas.errors import UserError
 from nas.search.campaign import run_campaign
-from nas.search.mirror import StoreSettings, TrialStores
+from nas.search.heartbeat import HEARTBEAT
+from nas.search.mirror import StoreSettings, TrialStores, fill_claimed_row
 from nas.search.scoring import Scorer
-from nas.search.storage import create_running_trial, open_storage
+from nas.search.storage import open_storage
+from nas.search.workers import WORKER, _claim_row
 from nas.tracking import Campaign
 
 
@@ -32,19 +34,24 @@ def asked_trial(seed: int = 0) -> optuna.trial.FrozenTrial:
     return study._storage.get_trial(trial._trial_id)
 
 
-def test_create_running_trial_writes_what_optunas_own_path_writes(tmp_path):
+def test_a_claimed_row_filled_in_holds_what_optunas_own_path_writes(tmp_path):
+    """A worker on a shared study claims a trial's row first, then the writer fills it in: the row
+    ends as Optuna's own ``create_new_trial(template)`` writes it (plus the claim's heartbeat)."""
     storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
     ours = optuna.create_study(storage=storage, study_name="ours", directions=["maximize", "minimize"])
     theirs = optuna.create_study(storage=storage, study_name="theirs", directions=["maximize", "minimize"])
     for seed in range(3):
         template = asked_trial(seed)
-        trial_id, number = create_running_trial(storage, ours._study_id, template)
-        assert number == seed and storage.get_trial_number_from_id(trial_id) == seed
+        row = storage.create_new_trial(ours._study_id, _claim_row("abc123", 1234.5))
+        fill_claimed_row(storage, row, template)
+        fill_claimed_row(storage, row, template)  # a try made again changes nothing
         storage.create_new_trial(theirs._study_id, template_trial=template)
     for mine, reference in zip(ours.get_trials(), theirs.get_trials(), strict=True):
         assert mine.state == reference.state == TrialState.RUNNING
-        for field in ("number", "params", "distributions", "user_attrs", "system_attrs", "datetime_start"):
+        for field in ("number", "params", "distributions", "user_attrs"):
             assert getattr(mine, field) == getattr(reference, field), field
+        claimed = {k: v for k, v in mine.system_attrs.items() if k != WORKER}
+        assert claimed == {**reference.system_attrs, HEARTBEAT: 1234.5}
 
 
 def test_trials_stored_under_other_numbers_stop_the_campaign(tiny, tmp_path, sqlite_tracking_uri):

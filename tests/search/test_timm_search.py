@@ -14,9 +14,9 @@ from nas.cli import main
 from nas.data import load_splits
 from nas.errors import UserError
 from nas.evaluation import classification_accuracy
+from nas.families.timm import base_model
 from nas.search.campaign import CampaignConfig, scorer_for
 from nas.space import load_space, space_from_dict
-from nas.timm_base import timm_base_model
 from nas.tracking import Campaign
 from nas.weights import file_hash
 
@@ -53,8 +53,8 @@ def finetuned(tmp_path_factory):
 def test_finetuned_weights_score_well_above_the_initial_ones(finetuned):
     space_file, weights = finetuned
     space, val = load_space(space_file), load_splits("digits", 16).val
-    initial = classification_accuracy(timm_base_model(space), val)["accuracy"]
-    tuned = classification_accuracy(timm_base_model(space, weights), val)["accuracy"]
+    initial = classification_accuracy(base_model(space), val)["accuracy"]
+    tuned = classification_accuracy(base_model(space, weights), val)["accuracy"]
     assert tuned > initial + 0.1  # ten classes: random weights score about 0.1
 
 
@@ -93,11 +93,11 @@ def test_weights_that_do_not_fit_or_a_model_that_does_not_build_are_user_errors(
     space_file, weights = finetuned
     wider = space_from_dict({**TINY_TIMM, "model_args": {**TINY_TIMM["model_args"], "embed_dim": 96}})
     with pytest.raises(UserError, match="weights do not fit"):
-        timm_base_model(wider, weights)
+        base_model(wider, weights)
     with pytest.raises(UserError, match="depth is 12, but deit_tiny_patch16_224 has 3 blocks"):
-        timm_base_model(space_from_dict({**TINY_TIMM, "depth": 12, "reduction": {"kind": ["none"]}}))
+        base_model(space_from_dict({**TINY_TIMM, "depth": 12, "reduction": {"kind": ["none"]}}))
     with pytest.raises(UserError, match="timm cannot build"):
-        timm_base_model(space_from_dict({**TINY_TIMM, "model_args": {"no_such_argument": 1}}))
+        base_model(space_from_dict({**TINY_TIMM, "model_args": {"no_such_argument": 1}}))
 
 
 def test_weights_are_for_timm_spaces_and_finetune_is_for_timm_spaces(tiny, tmp_path, capsys):
@@ -105,4 +105,48 @@ def test_weights_are_for_timm_spaces_and_finetune_is_for_timm_spaces(tiny, tmp_p
     with pytest.raises(UserError, match="--weights is for timm spaces"):
         scorer_for(config, tiny.space)
     assert main(["finetune", "--space", tiny.space.source, "--out", str(tmp_path / "x.safetensors")]) == 2
-    assert "space tiny is a supernet space: train it with vitnas train-supernet" in capsys.readouterr().err
+    assert "space 'tiny' is a psvit space: vitnas finetune" in capsys.readouterr().err
+
+
+def test_a_timm_trial_exports_weights_a_readme_that_builds_it_and_a_recipe_vitnas_train_takes(
+    finetuned, tmp_path, capsys
+):
+    space_file, weights = finetuned
+    ws = tmp_path / "ws"
+    argv = ["search", "--space", str(space_file), "--weights", str(weights), "--target", "cpu:threads=1,batch=1",
+            "--trials", "3", "--campaign", "timm-export", "--workspace", str(ws), "--sampler", "random",
+            "--measure-budget-s", "0.1", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    run = Campaign(f"sqlite:///{ws / 'mlflow.db'}", "timm-export").trial_runs()[0]
+    out = tmp_path / "exported"
+    argv = ["export", "--campaign", "timm-export", "--trial", str(run.trial_number), "--out", str(out),
+            "--workspace", str(ws), "--epochs", "1"]  # fmt: skip
+    assert main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "arch.yaml", "train.yaml", "weights.safetensors"]
+    assert file_hash(out / "weights.safetensors") == file_hash(weights)
+
+    # the README's code builds the patched model; its accuracy is the one the search recorded
+    readme = (out / "README.md").read_text()
+    code = readme.split("```python\n")[1].split("```")[0]
+    scope: dict = {}
+    exec(code, scope)  # noqa: S102 - the documented snippet, run as a user would
+    model = scope["model"].eval()
+    accuracy = classification_accuracy(model, load_splits("digits", 16).val)["accuracy"]
+    assert accuracy == run.metrics["val_accuracy"]
+
+    capsys.readouterr()
+    assert main(["train", str(out / "train.yaml"), "--quiet"]) == 0
+    assert "test accuracy " in capsys.readouterr().out and (out / "trained.safetensors").is_file()
+
+
+def test_a_search_on_an_onnxruntime_target_measures_the_exported_schedules(finetuned, tmp_path, capsys):
+    space_file, weights = finetuned
+    ws = tmp_path / "ws"
+    argv = ["search", "--space", str(space_file), "--weights", str(weights), "--trials", "3",
+            "--target", "cpu:threads=2,batch=1,backend=onnxruntime", "--campaign", "on-ort",
+            "--workspace", str(ws), "--sampler", "random", "--measure-budget-s", "0.1", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    assert "campaign on-ort: 3 finished, 0 failed" in capsys.readouterr().out
+    runs = Campaign(f"sqlite:///{ws / 'mlflow.db'}", "on-ort").trial_runs()
+    assert len(runs) == 3 and all(r.metrics["latency_ms"] > 0 for r in runs)
+    assert {r.tags["target"] for r in runs} == {"cpu:threads=2,dtype=float32,batch=1,backend=onnxruntime"}
