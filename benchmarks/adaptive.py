@@ -1,21 +1,31 @@
 """AdaViT against ToMe and EViT at matched mean GFLOPs: accuracy, FLOPs, latency at batch 1 and 32.
 
-A DeiT-Tiny-family ViT (DeiT-Tiny's 3 heads and MLP ratio at half its width and 4 of its 12 blocks;
-2x2-pixel patches of 16 px digits, so 64 tokens matter) is fine-tuned on digits from scratch (``vitnas finetune``); its AdaViT decision networks
-are then trained once over a range of budgets (``vitnas finetune --adaptive``, backbone included)
-and evaluated at budgets 1.0 / 0.75 / 0.6 / 0.5 (the same budget for patches, heads and sub-layers;
-0.6 lands near half the FLOPs). ToMe (r merges per block: constant, or decreasing from 2r to 0) and
-EViT (a keep rate at blocks 1/2/3, EViT's quarter points, or 0/1/2 to reach lower FLOPs) patch the
-fine-tuned model with ``nas.ops.timm_patch``, each set to the schedule whose GFLOPs come closest
-to an AdaViT point's mean GFLOPs (none of them may reach the lowest). "adavit 0.6 per image" runs
-the same model one image at a time: what AdaViT's packed batches (``nas.ops.adavit_patch``) win;
-"adavit 0.6 grouped heads" runs each kept-head set separately at batch 32 instead of the union. GFLOPs: fvcore for the fixed-cost models, AdaViT's per-image count
-(``sample_flops``, equal to fvcore's, ``tests/ops/test_adavit.py``) averaged over the validation
-split. Latency: ``nas.hardware.measure`` through ``nas.hardware.input_cost.measure_over_inputs``
-(every model runs through the same fixed sample of validation images, in turn), in rounds with the
-models interleaved in a rotating order; speedups are per-round ratios to the full model, and their
-share of the FLOP ratio says how much of the saved compute turns into saved time. Medians and
-p10/p90 over rounds; the load average (``uptime``) at start and end.
+A DeiT-Tiny-family ViT (DeiT-Tiny's 3 heads and MLP ratio at half its width and 4 of its 12
+blocks; 2x2-pixel patches of 16 px digits, so 64 tokens matter) is fine-tuned on digits from
+scratch (``vitnas finetune``); its AdaViT decision networks are then trained once over a range of
+budgets (``vitnas finetune --adaptive``, backbone included) and evaluated at budgets 1.0 / 0.75 /
+0.6 / 0.5 (the same budget for patches, heads and sub-layers; 0.6 lands near half the FLOPs).
+ToMe (r merges per block: constant, or decreasing from 2r to 0) and EViT (a keep rate at blocks
+1/2/3, EViT's quarter points, or 0/1/2 to reach lower FLOPs) patch the fine-tuned model with
+``nas.ops.timm_patch``, each set to the schedule whose GFLOPs come closest to an AdaViT point's
+mean GFLOPs. "adavit 0.6 per image" runs the same model one image at a time (what packing a batch
+wins); "adavit 0.6 grouped heads" runs each kept-head set on its images alone instead of the union
+of heads (``nas.ops.adavit_patch``, ``batching``).
+
+GFLOPs: fvcore for the fixed-cost models; AdaViT's per-image count (``sample_flops``: fvcore's count
+of what runs, checked in ``tests/ops/test_adavit.py``, plus the decision networks, which fvcore's
+trace misses) averaged over the validation split. Latency: ``nas.hardware.measure`` through
+``nas.hardware.input_cost.measure_over_inputs`` (every model runs through the same fixed sample of
+validation images, in turn), in rounds with the models interleaved in a rotating order; speedups
+are per-round ratios to the full model, and their share of the FLOP ratio says how much of the
+saved compute turns into saved time. Medians and p10/p90 over rounds; the load average
+(``uptime``) at start and end.
+
+Latency is measured with one thread by default (``--threads``): on this shared 2-vCPU VM under
+other agents' load (~6), every op that OpenMP parallelises waits for the other vCPU, so two-thread
+timings count parallel regions more than work (measured here: ``index_add_`` of 1000 x 96 rows,
+28 us on one thread, 451 us on two; an earlier two-thread run of this benchmark had ToMe slower
+than the full model at batch 1 despite 1.8x fewer FLOPs).
 
     python benchmarks/adaptive.py                 # the full run (about 10 minutes on 2 quiet cores)
     python benchmarks/adaptive.py --quick         # a smoke run
@@ -54,7 +64,7 @@ from nas.hardware.target import Target
 from nas.ops import adavit_patch, timm_patch
 from nas.space import space_from_dict
 
-THREADS = 2
+THREADS = 2  # training; latency: --threads (default 1, see the module docstring)
 MODEL = "deit_tiny_patch16_224"
 MODEL_ARGS = {
     "patch_size": 2,
@@ -176,7 +186,7 @@ def run(args) -> dict:
         row["flop_ratio"] = full_gflops / row["gflops"]
     images = fixed_sample(val, args.images)
     for batch in (1, 32):
-        times = latency_rounds(models, images, batch, args.rounds, args.budget_s)
+        times = latency_rounds(models, images, batch, args.rounds, args.budget_s, args.threads)
         for name, row in rows.items():
             ratios = [a / b for a, b in zip(times["full"], times[name])]
             sp = spread(ratios)
@@ -192,7 +202,8 @@ def run(args) -> dict:
         "train_seconds": info["train_seconds"],
         "machine": {
             "cpu": cpu_model(),
-            "threads": THREADS,
+            "threads_training": THREADS,
+            "threads_latency": args.threads,
             "torch": torch.__version__,
             "timm": timm.__version__,
             "python": platform.python_version(),
@@ -222,9 +233,11 @@ class PerImage(torch.nn.Module):
         return torch.cat([self.model(x[i : i + 1]) for i in range(len(x))])
 
 
-def latency_rounds(models: dict, images: torch.Tensor, batch: int, rounds: int, budget_s: float) -> dict:
+def latency_rounds(
+    models: dict, images: torch.Tensor, batch: int, rounds: int, budget_s: float, threads: int
+) -> dict:
     """Milliseconds per batch of ``batch`` images, per model, per round (order rotated each round)."""
-    target = Target(device="cpu", threads=THREADS, batch=batch)
+    target = Target(device="cpu", threads=threads, batch=batch)
     names = list(models)
     times = {name: [] for name in names}
     for r in range(rounds):
@@ -280,7 +293,9 @@ def plot(result: dict, path: Path) -> None:
                 xytext=(4, 3),
                 textcoords="offset points",
             )
-    ax.set_xlabel("latency at batch 1, ms (median over rounds, 2 threads)")
+    ax.set_xlabel(
+        f"latency at batch 1, ms (median over rounds, {result['machine']['threads_latency']} thread(s))"
+    )
     ax.set_ylabel("validation accuracy, %")
     ax.set_title("AdaViT vs ToMe vs EViT at matched mean GFLOPs (digits)", fontsize=10)
     ax.grid(alpha=0.3)
@@ -300,6 +315,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--ada-lr", type=float, default=1e-3)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="threads latency is measured with")
     parser.add_argument("--images", type=int, default=64, help="validation images latency is taken over")
     parser.add_argument("--budget-s", type=float, default=1.0, help="time budget of one latency measurement")
     parser.add_argument("--out", type=Path, default=RESULTS / "adaptive.json")

@@ -13,8 +13,9 @@ value (``patch=0.7``) trains at that budget alone.
 A checkpoint (weights, AdamW state, a JSON sidecar) is written beside ``out`` after every epoch;
 ``resume`` continues it exactly: every random stream of an epoch (batch order, budgets, Gumbel
 noise, dropout) is seeded from (seed, epoch). The Gumbel noise is annealed from 1 at the first
-epoch to 0 at the last (``anneal``; ``nas.ops.adavit.keep_decision`` says why). The weights written to ``out`` hold backbone and
-decision networks, with the training's settings in the safetensors metadata (``adavit``).
+epoch to 0 at the last (``anneal``; ``nas.ops.adavit.keep_decision`` says why). The weights
+written to ``out`` hold backbone and decision networks, with the training's settings in the
+safetensors metadata (``adavit``).
 """
 
 from __future__ import annotations

@@ -20,13 +20,19 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import shutil
 from pathlib import Path
 
 from nas.arch import AdaptiveArch
 from nas.errors import UserError
 from nas.families import Candidates, ExportedWeights
-from nas.families.timm import _file_hash, _freeze_weights, create, weights_file
+from nas.families.timm import (
+    copy_scored_weights,
+    create,
+    freeze_weights,
+    model_call,
+    weights_digest,
+    weights_file,
+)
 from nas.space import AdaptiveSpace, Chooser, SearchSpace
 
 NAME = "adaptive"
@@ -227,7 +233,7 @@ def candidates(space, *, workspace, device, supernet, weights, data, val_subset)
     """Copies of the space's adaptive model at each candidate's budgets, weights frozen under ``workspace``."""
     from nas.data import load_splits
 
-    frozen = _freeze_weights(weights_file(space, weights), workspace)
+    frozen = freeze_weights(weights_file(space, weights), workspace)
     base = base_model(space, frozen / WEIGHTS if frozen else None).to(device)
     splits = load_splits(data or "digits", space.spec.image_size, val_subset=val_subset)
 
@@ -236,7 +242,7 @@ def candidates(space, *, workspace, device, supernet, weights, data, val_subset)
 
     return Candidates(
         build=candidate, val_data=splits.val, data_spec=splits.spec.spec,
-        weights_hash=_file_hash(frozen / WEIGHTS) if frozen else None, weights_tag=WEIGHTS_TAG, frozen=frozen,
+        weights_hash=weights_digest(frozen / WEIGHTS) if frozen else None, weights_tag=WEIGHTS_TAG, frozen=frozen,
     )  # fmt: skip
 
 
@@ -247,30 +253,12 @@ def worker_inputs(folder: str) -> dict[str, str]:
 
 # -- export ---------------------------------------------------------------------------------------
 def export_weights(arch: AdaptiveArch, record: dict, out: Path) -> ExportedWeights:
-    """A copy of the weights file (backbone + decision networks) the campaign scored with,
-    refused unless its hash is the one recorded."""
-    from nas.families.timm import _recorded_weights
-
-    params, tags = record["params"], record["tags"]
-    scored = record["trial_tags"].get(WEIGHTS_TAG) or tags.get(WEIGHTS_TAG)
-    source = _recorded_weights(params, tags)
-    call = ", ".join(
-        [repr(arch.model), "pretrained=False", *(f"{k}={v!r}" for k, v in _model_kwargs(arch).items())]
-    )
-    if source is None:
-        if scored:
-            raise UserError(f"the campaign scored weights {scored}, but names no weights file to export")
+    """A copy of the weights file (backbone + decision networks) the campaign scored with."""
+    digest = copy_scored_weights(record, out)
+    call = model_call(arch.model, _model_kwargs(arch))
+    if digest is None:
         usage = USAGE.format(call=call, schedule=arch.schedule, load="")
         return ExportedWeights([], "none: the campaign scored the model with random weights", None, usage)
-    digest = _file_hash(source)
-    if scored and digest != scored:
-        raise UserError(
-            f"{source}: weights hash {digest} is not {scored}, the one the campaign scored this trial with "
-            "(replaced since?): the exported weights would not be the weights scored"
-        )
-    shutil.copyfile(source, out / WEIGHTS)
     load = f'load_weights(model, "{out / WEIGHTS}")  # backbone + decision networks\n'
     usage = USAGE.format(call=call, schedule=arch.schedule, load=load)
-    return ExportedWeights(
-        [WEIGHTS], f"backbone and decision networks {digest} ({source.name})", digest, usage
-    )
+    return ExportedWeights([WEIGHTS], f"backbone and decision networks {digest}", digest, usage)

@@ -183,7 +183,7 @@ def candidates(space, *, workspace, device, supernet, weights, data, val_subset)
     """Copies of the space's model, patched per candidate, with its weights frozen under ``workspace``."""
     from nas.data import load_splits
 
-    frozen = _freeze_weights(weights_file(space, weights), workspace)
+    frozen = freeze_weights(weights_file(space, weights), workspace)
     base = base_model(space, frozen / WEIGHTS if frozen else None).to(
         device
     )  # each candidate copies it there
@@ -196,28 +196,28 @@ def candidates(space, *, workspace, device, supernet, weights, data, val_subset)
         build=candidate,
         val_data=splits.val,
         data_spec=splits.spec.spec,
-        weights_hash=_file_hash(frozen / WEIGHTS) if frozen else None,
+        weights_hash=weights_digest(frozen / WEIGHTS) if frozen else None,
         weights_tag=WEIGHTS_TAG,
         frozen=frozen,
     )
 
 
-def _freeze_weights(path: Path | None, workspace) -> Path | None:
+def freeze_weights(path: Path | None, workspace) -> Path | None:
     if path is None:
         return None
     from nas.files import freeze
 
     if not path.is_file():
         raise UserError(f"{path}: no such weights file")
-    digest = _file_hash(path)
+    digest = weights_digest(path)
     frozen = freeze({WEIGHTS: path}, Path(workspace).resolve() / "frozen" / f"weights-{digest}")
-    if _file_hash(frozen / WEIGHTS) != digest:
+    if weights_digest(frozen / WEIGHTS) != digest:
         shutil.rmtree(frozen, ignore_errors=True)
         raise UserError(f"{path}: the weights file changed while it was being read")
     return frozen
 
 
-def _file_hash(path: Path) -> str:
+def weights_digest(path: Path) -> str:
     from nas.weights import file_hash
 
     return file_hash(path)
@@ -230,30 +230,41 @@ def worker_inputs(folder: str) -> dict[str, str]:
 
 # -- export ---------------------------------------------------------------------------------------
 def export_weights(arch: TimmArch, record: dict, out: Path) -> ExportedWeights:
-    """A copy of the weights file the campaign scored with (none when it scored random weights),
-    refused unless its hash is the one recorded."""
+    """A copy of the weights file the campaign scored with (none when it scored random weights)."""
+    digest = copy_scored_weights(record, out)
+    call = model_call(arch.model, _model_kwargs(arch))
+    if digest is None:
+        usage = USAGE.format(call=call, schedule=arch.schedule)
+        return ExportedWeights([], "none: the campaign scored the model with random weights", None, usage)
+    usage = USAGE.format(
+        call=f'{call},\n                          checkpoint_path="{out / WEIGHTS}"', schedule=arch.schedule
+    )
+    return ExportedWeights([WEIGHTS], f"the model's weights {digest}", digest, usage)
+
+
+def model_call(model: str, kwargs: dict) -> str:
+    """The arguments of ``timm.create_model`` that build ``model`` with ``kwargs``, as Python source."""
+    return ", ".join([repr(model), "pretrained=False", *(f"{k}={v!r}" for k, v in kwargs.items())])
+
+
+def copy_scored_weights(record: dict, out: Path) -> str | None:
+    """Copy the weights file the campaign scored with to ``out / WEIGHTS``, refused unless its hash is
+    the one recorded; returns that hash (None: the campaign scored random weights, nothing copied)."""
     params, tags = record["params"], record["tags"]
     scored = record["trial_tags"].get(WEIGHTS_TAG) or tags.get(WEIGHTS_TAG)
     source = _recorded_weights(params, tags)
-    call = ", ".join(
-        [repr(arch.model), "pretrained=False", *(f"{k}={v!r}" for k, v in _model_kwargs(arch).items())]
-    )
     if source is None:
         if scored:
             raise UserError(f"the campaign scored weights {scored}, but names no weights file to export")
-        usage = USAGE.format(call=call, schedule=arch.schedule)
-        return ExportedWeights([], "none: the campaign scored the model with random weights", None, usage)
-    digest = _file_hash(source)
+        return None
+    digest = weights_digest(source)
     if scored and digest != scored:
         raise UserError(
             f"{source}: weights hash {digest} is not {scored}, the one the campaign scored this trial with "
             "(replaced since?): the exported weights would not be the weights scored"
         )
     shutil.copyfile(source, out / WEIGHTS)
-    usage = USAGE.format(
-        call=f'{call},\n                          checkpoint_path="{out / WEIGHTS}"', schedule=arch.schedule
-    )
-    return ExportedWeights([WEIGHTS], f"the model's weights {digest} ({source.name})", digest, usage)
+    return digest
 
 
 def _recorded_weights(params: dict, tags: dict) -> Path | None:

@@ -176,17 +176,15 @@ def packed_attention(q: Tensor, k: Tensor, v: Tensor, lengths: list[int], fused:
     if all(n == longest for n in lengths):
         qkv = [t.view(b, longest, h, d).transpose(1, 2) for t in (q, k, v)]
         return _attend(*qkv, None, fused).transpose(1, 2).reshape(-1, h, d)
-    valid = torch.arange(longest, device=q.device)[None, :] < torch.tensor(lengths, device=q.device)[:, None]
-    rows = valid.flatten().nonzero().squeeze(1)
-    padded = []
-    for t in (q, k, v):
-        p = t.new_zeros(b * longest, h, d)
-        p[rows] = t
-        padded.append(p.view(b, longest, h, d).transpose(1, 2))
-    bias = torch.zeros(b, 1, 1, longest, dtype=q.dtype, device=q.device)
-    bias.masked_fill_(~valid[:, None, None, :], float("-inf"))
-    out = _attend(*padded, bias, fused).transpose(1, 2).reshape(b * longest, h, d)
-    return out[rows]
+    # built in Python and moved in one call each: a tensor op per step costs more than the lists here
+    rows = torch.tensor([j * longest + r for j, n in enumerate(lengths) for r in range(n)], device=q.device)
+    inf = float("-inf")
+    bias = torch.tensor([[0.0] * n + [inf] * (longest - n) for n in lengths], dtype=q.dtype, device=q.device)
+    padded = q.new_zeros(b * longest, 3, h, d)
+    padded[rows] = torch.stack([q, k, v], dim=1)
+    pq, pk, pv = padded.view(b, longest, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+    out = _attend(pq, pk, pv, bias[:, None, None, :], fused).transpose(1, 2).reshape(b * longest, h, d)
+    return out.index_select(0, rows)
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, fused: bool) -> Tensor:

@@ -31,8 +31,8 @@ the heads any sample keeps and zeroes per sample the ones it dropped (one call; 
 when no sample keeps it), ``group`` runs each kept-head set on its samples alone (no head in vain,
 a call per set). Per-token ops see only real tokens, whatever the batch; at batch 1 nothing is
 padded and every dropped head is saved. ``forward_features`` still returns ``[B, N, C]``: a
-dropped patch's row holds its value when it left. A block without any decision on equal-length samples is timm's own forward, so
-with nothing dropped the output is exactly the unpatched model's.
+dropped patch's row holds its value when it left. A block without any decision on equal-length
+samples is timm's own forward, so with nothing dropped the output is exactly the unpatched model's.
 
 Everything timm 1.0 puts in a block keeps working: LayerScale, q/k norm, the attention gate,
 fused or explicit attention, dropout and drop-path (training). The class token is the policy
