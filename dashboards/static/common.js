@@ -155,7 +155,7 @@ const VN = (() => {
 
   // -- the architecture drawing -----------------------------------------------------------------
   function drawArch(a) {
-    if (a.family === "timm") {
+    if (a.family === "timm" || a.family === "adaptive") {
       return el("div", { class: "arch", id: "arch" },
         el("div", { class: "arch-block", text: `timm ${a.model} · ${a.image_size} px · ${a.num_classes} classes` }),
         el("pre", { text: JSON.stringify(a.schedule, null, 1) }));
