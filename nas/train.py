@@ -115,7 +115,8 @@ def train_from_recipe(
     world = distributed.start(device, config.precision)
     try:
         with _tracking(recipe, arch, path, config, world) as run:
-            history = train_classifier(model, splits, config, world, run=run, progress=progress)
+            step = family_of(arch).training_step(arch, config, world.device)
+            history = train_classifier(model, splits, config, world, run=run, progress=progress, step=step)
             if not world.main:
                 return None
             test = classification_accuracy(model, splits.test, device=world.device)["accuracy"]

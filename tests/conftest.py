@@ -93,6 +93,18 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module (``pytest.mark.usefixtures("one_thread")``): models this small
+    gain nothing from a second thread, and on a shared machine its spin-waiting costs more than the work."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # -- PostgreSQL ------------------------------------------------------------------------------------
 #: Set (to 1) where PostgreSQL must be tested (CI): a missing server is then a failure, not a skip.
 REQUIRE_POSTGRES = "VITNAS_REQUIRE_POSTGRES"

@@ -14,16 +14,18 @@ import torch
 import yaml
 
 from nas.adaptive_finetune import adaptive_finetune, checkpoint_dir, evaluate_at, parse_adaptive
-from nas.arch import AdaptiveArch, arch_from_dict
+from nas.arch import AdaptiveArch, arch_from_dict, load_arch
 from nas.cli import main
 from nas.data import load_splits
 from nas.errors import UserError
 from nas.evaluation import classification_accuracy
+from nas.families import family_of
 from nas.finetune import QUICK
 from nas.hardware.input_cost import fixed_sample, input_flops
 from nas.search.campaign import CampaignConfig, scorer_for
 from nas.space import load_space, space_from_dict
 from nas.tracking import Campaign
+from nas.training.config import TrainConfig
 from nas.weights import file_hash, read_tensors
 
 MODEL = {
@@ -190,6 +192,12 @@ def test_a_search_over_budgets_runs_end_to_end_and_an_exported_trial_scores_as_r
     scope: dict = {}
     exec(code, scope)  # noqa: S102 - the documented snippet, run as a user would
     assert classification_accuracy(scope["model"], val)["accuracy"] == trial.metrics["val_accuracy"]
+
+    # retraining the export keeps the decisions at the trial's budgets: the usage loss is in the step
+    arch = load_arch(out / "arch.yaml")
+    step = family_of(arch).training_step(arch, TrainConfig(epochs=1), torch.device("cpu"))
+    assert step.spec.low() == step.spec.high() == arch.usage and step.spec.usage_weight > 0
+    assert main(["train", str(out / "train.yaml"), "--epochs", "1", "--quiet"]) == 0
 
 
 def test_profile_costs_an_adaptive_architecture_over_real_images(tmp_path, capsys):

@@ -57,14 +57,7 @@ SMALL = arch_from_dict(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Batch-2 models of this size gain nothing from a second thread, and on a shared machine its
-    spin-waiting costs more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(arch, seed: int = 0, **kwargs):

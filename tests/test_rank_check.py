@@ -9,37 +9,12 @@ from fractions import Fraction
 import numpy as np
 import pytest
 from scipy import stats as scipy_stats
+from tiny_spaces import TWO_STAGES
 
 from nas.cli import main
 from nas.ranking import folds, stats
 
-TINY = {
-    "name": "tiny-rank",
-    "image_size": 16,
-    "patch_size": 4,
-    "num_classes": 10,
-    "stages": [
-        {
-            "dim": [16, 24],
-            "heads": [2],
-            "mlp_ratio": [2.0],
-            "attention": ["softmax", "linear"],
-            "depth": [1, 2],
-            "cells": ["basic", "share"],
-            "reduction": {"kind": ["none", "tome"], "r": [2]},
-        },
-        {
-            "tokens": [5],
-            "pool": ["conv1d", "avg", "tome"],
-            "dim": [32],
-            "heads": [2, 4],
-            "mlp_ratio": [2.0],
-            "depth": [1, 2],
-            "cells": ["basic", "share"],
-            "reduction": {"kind": ["none", "evit"], "keep_rate": [0.5], "at": [0]},
-        },
-    ],
-}
+TINY = {**TWO_STAGES, "name": "tiny-rank"}
 
 
 # -- the statistics ---------------------------------------------------------------------------------
@@ -239,6 +214,7 @@ def test_pareto_and_the_dashboard_show_the_trust_of_the_campaigns_supernet(check
     assert shown["unmeasured"]["ranking"] is None
 
 
+@pytest.mark.slow
 def test_few_shot_sub_supernets_score_each_subnet_by_its_own_kind(checked, tmp_path):
     """A few-shot split: forks of the checkpoint, one per stage-0 attention kind, trained on; the
     stand-alone runs all come from the cache (they do not depend on the supernet)."""
@@ -263,3 +239,15 @@ def test_few_shot_sub_supernets_score_each_subnet_by_its_own_kind(checked, tmp_p
     result = rank_check(subs, config, workspace=ws, progress=False, log=lambda *_: None)
     assert (result.trained_now, result.reused) == (0, 8)
     assert len(result.sidecars) == 2 and np.isfinite(result.ranking["kendall_tau"]["value"])
+
+
+def test_search_summary_quotes_the_trust_of_the_supernet_it_searched(checked, tmp_path, capsys):
+    import yaml
+
+    ws, folder, _, result = checked
+    space_file = tmp_path / "tiny-rank.yaml"
+    space_file.write_text(yaml.safe_dump(TINY))
+    code = main(["search", "--space", str(space_file), "--supernet", str(folder), "--trials", "2",
+                 "--campaign", "trust-summary", "--workspace", str(ws), "--target", "cpu:threads=1,batch=1",
+                 "--measure-budget-s", "0.2", "--quiet"])  # fmt: skip
+    assert code == 0 and result.ranking["summary"] in capsys.readouterr().out

@@ -41,14 +41,7 @@ def _some_slow(every_case: list[tuple[str, int]], fast_224px: int, every: int = 
     return out
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Batch-2 models of this size gain nothing from a second thread, and on a shared machine its
-    spin-waiting costs more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _arch(name: str, i: int):

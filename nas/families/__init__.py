@@ -82,6 +82,8 @@ class Family(Protocol):
 
     def worker_inputs(self, folder: str) -> dict[str, str]: ...
 
+    def training_step(self, arch, config, device) -> Any: ...  # the loss of ``vitnas train``; None: plain
+
     # -- export ----------------------------------------------------------------------------------------
     def export_weights(self, arch, record: dict, out: Path) -> ExportedWeights: ...
 

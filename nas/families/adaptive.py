@@ -251,6 +251,17 @@ def worker_inputs(folder: str) -> dict[str, str]:
     return {"weights": str(Path(folder) / WEIGHTS), "supernet": None}
 
 
+def training_step(arch: AdaptiveArch, config, device):
+    """Cross-entropy plus the usage loss at the architecture's budgets (and distillation from the model
+    with every decision off), as ``vitnas finetune --adaptive`` trains: without the usage loss the
+    decision networks would learn to keep everything."""
+    from nas.adaptive_finetune import AdaptiveStep
+    from nas.adaptive_spec import AdaptiveSpec
+
+    spec = AdaptiveSpec({k: (v, v) for k, v in arch.usage.items()}, head_mode=arch.head_mode, start=arch.start)
+    return AdaptiveStep(spec, config.label_smoothing, config.seed, device, config.epochs)
+
+
 # -- export ---------------------------------------------------------------------------------------
 def export_weights(arch: AdaptiveArch, record: dict, out: Path) -> ExportedWeights:
     """A copy of the weights file (backbone + decision networks) the campaign scored with."""

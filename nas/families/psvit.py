@@ -322,6 +322,11 @@ def worker_inputs(folder: str) -> dict[str, str]:
     return {"supernet": folder, "weights": None}
 
 
+def training_step(arch: ArchConfig, config, device) -> None:
+    """A subnet trains on plain cross-entropy (``nas.training.loop.SupervisedStep``)."""
+    return None
+
+
 # -- export ---------------------------------------------------------------------------------------
 def export_weights(arch: ArchConfig, record: dict, out: Path) -> ExportedWeights:
     """The subnet's weights from the checkpoint the campaign scored with (its frozen copy; for a

@@ -228,6 +228,11 @@ def worker_inputs(folder: str) -> dict[str, str]:
     return {"weights": str(Path(folder) / WEIGHTS), "supernet": None}
 
 
+def training_step(arch: TimmArch, config, device) -> None:
+    """A patched timm model trains on plain cross-entropy (``nas.training.loop.SupervisedStep``)."""
+    return None
+
+
 # -- export ---------------------------------------------------------------------------------------
 def export_weights(arch: TimmArch, record: dict, out: Path) -> ExportedWeights:
     """A copy of the weights file the campaign scored with (none when it scored random weights)."""

@@ -111,6 +111,12 @@ def rank_check(
     folders = [ckpt.resolve(p) for p in paths]
     nets = [_load(folder) for folder in folders]
     space = nets[0][0].space
+    for folder, (net, meta) in zip(folders[1:], nets[1:]):
+        if net.space_hash != nets[0][0].space_hash or meta["data"] != nets[0][1]["data"]:
+            raise UserError(
+                f"--supernet {folder}: a few-shot split's sub-supernets share one space and data; this one "
+                f"differs from {folders[0]}"
+            )
     workspace = Path(workspace) if workspace else default_workspace(folders[0])
     cache = Cache(cache or workspace / "rank-check" / "standalone")
     splits, spec = _data(config, nets[0][1], space)

@@ -8,7 +8,10 @@ its own runs them on a core the campaign leaves idle. It pauses while latency is
 (``paused``), so a measurement never shares the machine with a database write.
 
 Messages run one at a time in submission order, so a campaign's ordering rules hold on disk. The
-child is made by ``handler_factory()`` once it has started, gets ``(method, args)`` messages,
+child is made by ``handler_factory()`` once it has started (``gate_calls``: by
+``handler_factory(gate)``, and the handler wraps its stores in ``Gated(store, gate)``, so that a
+measurement waits for one store call rather than a whole message: a trial's records on a server
+take dozens of calls), gets ``(method, args)`` messages,
 ignores Ctrl-C (the campaign decides when to stop it; a terminal sends SIGINT to both) and dies
 with its parent (Linux). The first message that raises stops the writing; its error is raised in
 the campaign at the next ``submit`` or ``drain``.
@@ -114,20 +117,22 @@ class _Progress:
 
 
 def _serve(
-    handler_factory: Callable[[], object],
+    handler_factory: Callable[..., object],
     jobs,
     replies,
     gate,
     progress: _Progress,
     retry_for_s: float,
     parent: int,
+    gate_calls: bool,
 ):
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _lowest_priority()
     failed = False
     try:  # at the lowest priority this may run late, when a store has gone away: waited for too
-        handler = with_retries(handler_factory, retry_for_s, progress.waiting)
+        factory = partial(handler_factory, gate) if gate_calls else handler_factory
+        handler = with_retries(partial(_gated, gate, factory), retry_for_s, progress.waiting)
     except BaseException as err:  # noqa: BLE001 - reported to the campaign
         replies.put(("error", str(err), isinstance(err, UserError)))
         failed = True
@@ -141,8 +146,9 @@ def _serve(
             continue
         if not failed:  # after a failure the rest is dropped: writing out of order would be worse
             try:
+                call = partial(getattr(handler, method), *args)
                 with_retries(
-                    partial(_handle, gate, getattr(handler, method), args), retry_for_s, progress.waiting
+                    call if gate_calls else partial(_gated, gate, call), retry_for_s, progress.waiting
                 )
             except BaseException as err:  # noqa: BLE001 - reported to the campaign
                 user = isinstance(err, UserError)  # told as is: its message is the whole story
@@ -152,9 +158,24 @@ def _serve(
             progress.handled.value += 1
 
 
-def _handle(gate, call: Callable, args: tuple) -> None:
+def _gated(gate, call: Callable):
     with gate:
-        call(*args)
+        return call()
+
+
+class Gated:
+    """``target`` with every method call made while holding ``gate`` (the writer's pause gate)."""
+
+    def __init__(self, target, gate):
+        self._target, self._gate = target, gate
+
+    def __getattr__(self, name: str):
+        value = getattr(self._target, name)
+        return partial(self._call, value) if callable(value) else value
+
+    def _call(self, method: Callable, *args, **kwargs):
+        with self._gate:
+            return method(*args, **kwargs)
 
 
 class BackgroundWriter:
@@ -162,12 +183,13 @@ class BackgroundWriter:
 
     def __init__(
         self,
-        handler_factory: Callable[[], object],
+        handler_factory: Callable[..., object],
         name: str = "vitnas-writer",
         *,
         retry_for_s: float = RETRY_FOR_S,
         max_backlog: int = MAX_BACKLOG,
         lag: int | None = None,
+        gate_calls: bool = False,
     ):
         ctx = _context()
         self._jobs, self._replies, self._gate = ctx.Queue(), ctx.Queue(), ctx.Lock()
@@ -182,6 +204,7 @@ class BackgroundWriter:
                 self._progress,
                 retry_for_s,
                 os.getpid(),
+                gate_calls,
             ),
             name=name,
             daemon=True,
@@ -239,7 +262,8 @@ class BackgroundWriter:
 
     @contextmanager
     def paused(self) -> Iterator[None]:
-        """No message is handled inside this block (one under way is let finish first)."""
+        """No message (``gate_calls``: no store call) is handled inside this block (one under way is
+        let finish first)."""
         acquired = False
         try:
             with _sigint_deferred() as pressed:

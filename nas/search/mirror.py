@@ -35,7 +35,7 @@ from optuna.trial import FrozenTrial, TrialState
 from nas.arch import ArchConfig, TimmArch
 from nas.errors import UserError
 from nas.names import FAILURE
-from nas.search.background_writer import BackgroundWriter
+from nas.search.background_writer import BackgroundWriter, Gated
 from nas.search.storage import reopened
 from nas.tracking import Campaign
 
@@ -110,7 +110,7 @@ class StudyMirror:
         settings = StoreSettings(
             storage, study.study_name, tracker.tracking_uri, tracker.name, tracker.parent_run_id, run_tags
         )
-        return cls(study, BackgroundWriter(partial(TrialStores, settings), lag=lag), sampler)
+        return cls(study, BackgroundWriter(partial(TrialStores, settings), lag=lag, gate_calls=True), sampler)
 
     def learn(self, trials: list[FrozenTrial]) -> None:
         """Add the finished trials of the storage that the working study does not hold yet (other
@@ -167,11 +167,14 @@ class TrialStores:
     already wrote is found again, not written twice.
     """
 
-    def __init__(self, settings: StoreSettings):
+    def __init__(self, settings: StoreSettings, gate):
+        """``gate``: held by each store call (``BackgroundWriter``'s ``gate_calls``)."""
         os.environ.update(_WRITER_HTTP)
-        self.storage = reopened(settings.storage)
-        self.study_id = self.storage.get_study_id_from_name(settings.study_name)
+        storage = reopened(settings.storage)  # (made while the writer holds the gate already)
+        self.study_id = storage.get_study_id_from_name(settings.study_name)
         self.tracker = Campaign(settings.tracking_uri, settings.campaign, after_fork=True)
+        self.storage = Gated(storage, gate)
+        self.tracker.client = Gated(self.tracker.client, gate)
         self.tracker.parent_run_id = settings.parent_run_id
         self.run_tags = settings.run_tags
         self._rows: dict[int, int] = {}  # working number: storage trial id, once the row exists

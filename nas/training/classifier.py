@@ -26,9 +26,11 @@ def train_classifier(
     desc: str = "train",
     progress: bool = True,
     log: Callable[[str], None] = print,
+    step=None,
 ) -> list[dict]:
     """Train ``model`` on ``splits.train`` (moved to the world's device), validating every epoch on
-    rank 0 and logging each epoch to the MLflow ``run`` when given; returns the history."""
+    rank 0 and logging each epoch to the MLflow ``run`` when given; returns the history. ``step``:
+    the loss (``nas.training.loop.Step``; default cross-entropy with the config's label smoothing)."""
     torch.manual_seed(config.seed)
     model.to(world.device)
     world.broadcast_parameters(model)
@@ -49,5 +51,5 @@ def train_classifier(
         log=log,
     )
     batches = Batches(splits.train, config, world, splits.num_classes)
-    step = SupervisedStep(config.label_smoothing)
+    step = step or SupervisedStep(config.label_smoothing)
     return fit(model, make_optimizer(model, config), step, batches, config, world, hooks, desc=desc, progress=progress)

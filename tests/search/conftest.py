@@ -168,9 +168,14 @@ def check_campaign(config: CampaignConfig) -> Records:
     - ``pareto``/``pareto_rank`` and ``best_under_budget`` on the finished runs equal a brute-force
       computation from their metrics, and nothing else carries them.
     """
-    study = optuna.load_study(study_name=config.name, storage=config.storage)
-    assert study.metric_names == ["val_accuracy", "latency_ms"]  # what optuna-dashboard shows
-    trials = sorted(study.get_trials(), key=lambda t: t.number)
+    storage = optuna.storages.RDBStorage(config.storage)
+    try:
+        study = optuna.load_study(study_name=config.name, storage=storage)
+        trials = sorted(study.get_trials(), key=lambda t: t.number)
+        metric_names = study.metric_names
+    finally:  # a team's server has a hundred connections to give; a pool left to the collector keeps its own
+        storage.engine.dispose()
+    assert metric_names == ["val_accuracy", "latency_ms"]  # what optuna-dashboard shows
     tracker = Campaign(config.tracking_uri, config.name)
     runs = tracker.trial_runs(only_finished=False)
     parents = tracker.client.search_runs(

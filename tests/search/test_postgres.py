@@ -73,9 +73,20 @@ def finish(workers: list[subprocess.Popen], logs: list[Path], timeout_s: float =
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
+_STORAGES: dict[str, optuna.storages.RDBStorage] = {}
+
+
+def storage_of(config: CampaignConfig) -> optuna.storages.RDBStorage:
+    """One storage per URL: a storage opened per poll would leave its pool's connections open until
+    collected, and the server has a hundred to give."""
+    if config.storage not in _STORAGES:
+        _STORAGES[config.storage] = optuna.storages.RDBStorage(config.storage)
+    return _STORAGES[config.storage]
+
+
 def trials_of(config: CampaignConfig) -> list[optuna.trial.FrozenTrial]:
     try:
-        return optuna.load_study(study_name=config.name, storage=config.storage).get_trials()
+        return optuna.load_study(study_name=config.name, storage=storage_of(config)).get_trials()
     except KeyError:  # the study is not created yet
         return []
 
@@ -291,8 +302,8 @@ def test_three_workers_run_one_campaign(tiny, postgres, pg_mlflow_server, tmp_pa
     assert len(records.trials) == 24 and not any(t.user_attrs.get(INTERRUPTED) for t in records.trials)
     pids = {t.system_attrs[WORKER].split()[-1] for t in records.trials}
     assert pids == {str(w.pid) for w in workers}
-    study = optuna.load_study(study_name=config.name, storage=config.storage)
-    assert study._storage.get_study_system_attrs(study._study_id)[WORKERS] == 3
+    storage = storage_of(config)
+    assert storage.get_study_system_attrs(storage.get_study_id_from_name(config.name))[WORKERS] == 3
     spans: dict[str, list] = {}
     for t in records.trials:
         spans.setdefault(t.user_attrs["arch_hash"], []).append((t.datetime_start, t.datetime_complete))

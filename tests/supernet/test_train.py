@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tiny_spaces import TWO_STAGES
 from torch.utils.data import Subset
 
 from nas.cli import main
@@ -25,33 +26,7 @@ from nas.supernet import Supernet, TrainConfig, evaluate, load_checkpoint, train
 from nas.supernet.checkpoint import OPTIMIZER, SIDECAR, WEIGHTS
 from nas.training.loop import TIMING_KEYS
 
-TINY = {
-    "name": "tiny-train",
-    "image_size": 16,
-    "patch_size": 4,
-    "num_classes": 10,
-    "stages": [
-        {
-            "dim": [16, 24],
-            "heads": [2],
-            "mlp_ratio": [2.0],
-            "attention": ["softmax", "linear"],
-            "depth": [1, 2],
-            "cells": ["basic", "share"],
-            "reduction": {"kind": ["none", "tome"], "r": [2]},
-        },
-        {
-            "tokens": [5],
-            "pool": ["conv1d", "avg", "tome"],
-            "dim": [32],
-            "heads": [2, 4],
-            "mlp_ratio": [2.0],
-            "depth": [1, 2],
-            "cells": ["basic", "share"],
-            "reduction": {"kind": ["none", "evit"], "keep_rate": [0.5], "at": [0]},
-        },
-    ],
-}
+TINY = {**TWO_STAGES, "name": "tiny-train"}
 OTHER = {**TINY, "name": "tiny-other", "stages": [TINY["stages"][0], {**TINY["stages"][1], "dim": [32, 40]}]}
 FAST = TrainConfig(epochs=2, batch_size=16, lr=2e-3, warmup_epochs=0.5, seed=7)
 
