@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 def size_bias(size: Tensor | None) -> Tensor | None:
     """`log(size)` shaped `[B, 1, 1, N]` to add to attention logits over keys (None: no bias)."""
-    return None if size is None else size.log().transpose(1, 2).unsqueeze(1)
+    return None if size is None else size.log().reshape(size.shape[0], 1, 1, size.shape[1])
 
 
 def attention(

@@ -10,8 +10,9 @@ deterministic: `k` evenly spaced tokens, which on a patch sequence are spread ov
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from nas.ops.small_work import register_constants, serial, shape_constants
 
 METHODS = ("kmeans", "kmedoids")
 
@@ -25,11 +26,29 @@ def _sq_dist(x: Tensor, y: Tensor) -> Tensor:
 def _spread(n: int, k: int, device: torch.device) -> Tensor:
     if not 1 <= k <= n:
         raise ValueError(f"cannot cluster {n} tokens into k={k} groups: need 1 <= k <= {n}")
-    return torch.linspace(0, n - 1, k, device=device).round().long()
+    return shape_constants("cluster_spread", device, n, k)[0]
+
+
+def _spread_constants(device: torch.device, n: int, k: int) -> tuple[Tensor]:
+    return (torch.linspace(0, n - 1, k, device=device).round().long(),)
+
+
+def _eye_constants(device: torch.device, n: int) -> tuple[Tensor]:
+    return (torch.eye(n, dtype=torch.bool, device=device),)
+
+
+register_constants("cluster_spread", _spread_constants)
+register_constants("cluster_eye", _eye_constants)
+
+
+def _onehot(assign: Tensor, k: int, dtype: torch.dtype) -> Tensor:
+    """`F.one_hot(assign, k).to(dtype)` in one scatter: `one_hot` also checks the range of `assign`
+    with two reductions and builds int64 first, which at small sizes cost more than the step."""
+    return assign.new_zeros(*assign.shape, k, dtype=dtype).scatter_(-1, assign.unsqueeze(-1), 1)
 
 
 def _weighted_onehot(assign: Tensor, k: int, weights: Tensor | None, dtype: torch.dtype) -> Tensor:
-    onehot = F.one_hot(assign, k).to(dtype)
+    onehot = _onehot(assign, k, dtype)
     return onehot if weights is None else onehot * weights.unsqueeze(-1)
 
 
@@ -63,14 +82,13 @@ def kmedoids(x: Tensor, k: int, iters: int = 5, weights: Tensor | None = None) -
     """
     b, n, _ = x.shape
     dist = _sq_dist(x, x).sqrt_()
-    dist = ((dist + dist.transpose(1, 2)) * 0.5).masked_fill(
-        torch.eye(n, dtype=torch.bool, device=x.device), 0.0
-    )
+    dist = ((dist + dist.transpose(1, 2)) * 0.5).masked_fill(shape_constants("cluster_eye", x.device, n)[0], 0.0)
     medoids = _spread(n, k, x.device).expand(b, k)
     for _ in range(iters):
         assign = dist.gather(2, medoids.unsqueeze(1).expand(b, n, k)).argmin(-1)
-        weighted = _weighted_onehot(assign, k, weights, x.dtype)  # [B, N, k]
-        member = F.one_hot(assign, k).bool()
+        onehot = _onehot(assign, k, x.dtype)  # [B, N, k]
+        weighted = onehot if weights is None else onehot * weights.unsqueeze(-1)
+        member = onehot.bool()
         cost = dist @ weighted  # [B, N candidates, k]: weighted distance to each cluster's members
         best = cost.masked_fill(~member, float("inf")).argmin(1)  # [B, k]
         medoids = torch.where(member.any(1), best, medoids)
@@ -100,6 +118,13 @@ def cluster_pool_assign(
     """
     if method not in METHODS:
         raise ValueError(f"clustering method {method!r} is not one of {METHODS}")
+    with serial(x.numel()):  # a chain of small ops at small batch: one thread
+        return _cluster_pool_assign(x, k, method, iters, size, weights, num_prefix)
+
+
+def _cluster_pool_assign(
+    x: Tensor, k: int, method: str, iters: int, size: Tensor | None, weights: Tensor | None, num_prefix: int
+) -> tuple[Tensor, Tensor, Tensor]:
     p = num_prefix
     tokens = x[:, p:]
     sizes = x.new_ones(x.shape[0], x.shape[1], 1) if size is None else size
@@ -109,7 +134,7 @@ def cluster_pool_assign(
     else:
         assign, medoids = kmedoids(tokens.detach(), k, iters, w)
         centres = tokens.gather(1, medoids.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-    onehot = F.one_hot(assign, k).to(x.dtype).transpose(1, 2)  # [B, k, n]
+    onehot = _onehot(assign, k, x.dtype).transpose(1, 2)  # [B, k, n]
     weighted = onehot * w.unsqueeze(1)
     total = weighted.sum(-1, keepdim=True)  # [B, k, 1]
     means = (weighted @ tokens) / total.clamp_min(1e-12)

@@ -1,4 +1,4 @@
-"""ToMe or EViT for an existing timm `VisionTransformer`, in place and reversible.
+"""ToMe or EViT (or AdaViT, see `apply`) for an existing timm `VisionTransformer`, in place and reversible.
 
 `apply(model, {"kind": "tome", "r": 8})` or `apply(model, {"kind": "evit", "keep_rate": 0.7,
 "layers": [3, 6, 9]})` swaps the classes of the model and its blocks for subclasses that reduce
@@ -14,7 +14,11 @@ Options: tome `order` (`reference`, the default: ToMe's matching as published, w
 user patching a pretrained model expects; `spatial`: vitnas's order-keeping variant, see
 `nas.ops.tome`), `prop_attn` (default True, as in ToMe) and `trace_source` (keep, per token, which
 input tokens it holds: `source(model)` after a forward); evit `prop_attn` (default False, as in
-EViT). Reductions are labelled `vitnas::tome` / `vitnas::evit` for `torch.profiler`.
+EViT). Reductions are labelled `vitnas::tome` / `vitnas::evit` while `torch.profiler` records.
+
+At small batch the reduction (keys mean, matching, merge, sizes) runs on one intra-op thread
+(`nas.ops.small_work.serial`): it is a chain of small ops for which waking the other threads costs
+more than it saves. What each block does is decided once when the schedule is applied.
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.profiler import record_function
 
+from nas.internals import profiler_recording
 from nas.ops.attention import attention, class_attention, merge_heads
 from nas.ops.evit import evit_fuse
+from nas.ops.small_work import serial
 from nas.ops.tome import ORDERS, bipartite_soft_matching, tome_schedule
 
 _OPTIONS = {
@@ -52,13 +58,17 @@ class _Plan:
     size: Tensor | None = field(default=None, repr=False)
     source: Tensor | None = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        #: per block: "tome", "evit" or None (nothing to do), decided once rather than every forward
+        self.actions = [self.kind if self.active(i) else None for i in range(len(self.steps))]
+
     def active(self, i: int) -> bool:
         return (self.kind == "tome" and self.steps[i] > 0) or (self.kind == "evit" and self.steps[i] < 1)
 
 
 def _parse(schedule: dict, depth: int, num_prefix: int, has_cls: bool) -> _Plan:
     if not isinstance(schedule, dict) or schedule.get("kind") not in _OPTIONS:
-        raise ValueError(f"schedule must be a dict with kind in {sorted(_OPTIONS)}, got {schedule!r}")
+        raise ValueError(f"schedule must be a dict with kind in {sorted([*_OPTIONS, 'adavit'])}, got {schedule!r}")
     kind = schedule["kind"]
     unknown = set(schedule) - _OPTIONS[kind] - {"kind"}
     if unknown:
@@ -110,14 +120,42 @@ def _attend(
     )
     cls = None
     if want_cls:
-        cls = (
-            class_attention(q, k, size, num_prefix) if probs is None else probs[:, :, 0, num_prefix:].mean(1)
-        )
+        with serial(b * n * m.head_dim):  # one query row: small work
+            if probs is None:
+                cls = class_attention(q, k, size, num_prefix)
+            else:
+                cls = probs[:, :, 0, num_prefix:].mean(1)
     y = m.norm(merge_heads(out))
     gate = getattr(m, "gate", None)
     if gate is not None:
         y = y * gate(x).sigmoid()
     return m.proj_drop(m.proj(y)), k, cls
+
+
+def _tome_step(plan: _Plan, i: int, x: Tensor, keys: Tensor) -> Tensor:
+    """ToMe after block `i`'s attention: match on the keys (mean over heads), merge `x` and the sizes."""
+    b, n, c = x.shape
+    with serial(b * n * c):  # a chain of small ops: one thread, no wake-ups (see nas.ops.small_work.serial)
+        merge = bipartite_soft_matching(keys.mean(dim=1), int(plan.steps[i]), plan.num_prefix, plan.order)
+        x, plan.size = merge.merge(x, plan.size)
+        if plan.source is not None:
+            plan.source = merge.merge_source(plan.source)
+    return x
+
+
+def _evit_step(plan: _Plan, i: int, x: Tensor, cls: Tensor) -> Tensor:
+    """EViT after block `i`'s attention: keep the tokens the class token attends to most, fuse the rest."""
+    x, plan.size = evit_fuse(x, cls, plan.steps[i], plan.size, plan.num_prefix)
+    return x
+
+
+def _labelled(label: str, step, *args) -> Tensor:
+    """`step(*args)`, inside a `torch.profiler` region named `label` while a profiler records
+    (entering a region costs ~10 µs, so it is skipped otherwise)."""
+    if not torch.compiler.is_compiling() and profiler_recording():
+        with record_function(label):
+            return step(*args)
+    return step(*args)
 
 
 class _ReducingBlock:
@@ -135,23 +173,19 @@ class _ReducingBlock:
                 if plan.trace_source
                 else None
             )
-        if not plan.active(i) and plan.size is None and plan.source is None:
+        action = plan.actions[i]
+        if action is None and plan.size is None and plan.source is None:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         if attn_mask is not None or is_causal:
             raise ValueError("token reduction cannot follow an attention mask: the tokens it covers change")
-        p = plan.num_prefix
-        want_cls = plan.kind == "evit" and plan.active(i)
-        y, keys, cls = _attend(self.attn, self.norm1(x), plan.size if plan.prop_attn else None, want_cls, p)
+        y, keys, cls = _attend(
+            self.attn, self.norm1(x), plan.size if plan.prop_attn else None, action == "evit", plan.num_prefix
+        )
         x = x + self.drop_path1(self.ls1(y))
-        if plan.kind == "tome" and plan.active(i):
-            with record_function("vitnas::tome"):
-                merge = bipartite_soft_matching(keys.mean(dim=1), int(plan.steps[i]), p, plan.order)
-                x, plan.size = merge.merge(x, plan.size)
-                if plan.source is not None:
-                    plan.source = merge.merge_source(plan.source)
-        elif want_cls:
-            with record_function("vitnas::evit"):
-                x, plan.size = evit_fuse(x, cls, plan.steps[i], plan.size, p)
+        if action == "tome":
+            x = _labelled("vitnas::tome", _tome_step, plan, i, x, keys)
+        elif action == "evit":
+            x = _labelled("vitnas::evit", _evit_step, plan, i, x, cls)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -193,9 +227,17 @@ def _subclass(mixin: type, base: type) -> type:
 
 
 def apply(model: nn.Module, schedule: dict) -> nn.Module:
-    """Patch `model` in place (re-applying replaces the schedule) and return it."""
+    """Patch `model` in place (re-applying replaces the schedule) and return it.
+
+    `{"kind": "adavit", ...}` hands the model to `nas.ops.adavit_patch.apply` (input-adaptive
+    patches, heads and sub-layers) after removing any token reduction; the other kinds remove an
+    AdaViT patch first. One model carries one patch."""
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"timm_patch supports timm VisionTransformer models, got {type(model).__name__}")
+    if isinstance(schedule, dict) and schedule.get("kind") == "adavit":
+        from nas.ops import adavit_patch  # the decision networks are only needed for this kind
+
+        return adavit_patch.apply(_remove_reduction(model), schedule)
     remove(model)
     blocks = list(model.blocks)
     for i, blk in enumerate(blocks):
@@ -213,7 +255,15 @@ def apply(model: nn.Module, schedule: dict) -> nn.Module:
 
 
 def remove(model: nn.Module) -> nn.Module:
-    """Undo `apply` (a no-op on an unpatched model) and return the model."""
+    """Undo `apply`, whichever kind (a no-op on an unpatched model), and return the model."""
+    if type(model).__module__ == "nas.ops.adavit_patch":
+        from nas.ops import adavit_patch
+
+        adavit_patch.remove(model)
+    return _remove_reduction(model)
+
+
+def _remove_reduction(model: nn.Module) -> nn.Module:
     for mod in [model, *getattr(model, "blocks", [])]:
         if isinstance(mod, (_ReducingBlock, _ReducingViT)):
             mod.__class__ = mod.__class__.__bases__[1]

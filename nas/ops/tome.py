@@ -19,10 +19,18 @@ copied). Two variants, by `order`:
   first), so a later 1D operator over the sequence (depthwise conv, conv pooling) still sees near
   neighbours.
 
-Either way the merge is one row gather of the kept tokens plus `r`-row updates: no full-size scatter.
-Every tensor has a shape fixed by `(B, N, r)` (no `nonzero` or boolean-mask indexing), so the
-matching compiles without graph breaks (`torch.compile(fullgraph=True)`) and exports (ONNX) with
-a dynamic batch.
+Either way the merge is one row gather (the kept tokens and both ends of every merge) plus `r`-row
+updates: no full-size scatter. Every tensor has a shape fixed by `(B, N, r)` (no `nonzero` or
+boolean-mask indexing), so the matching compiles without graph breaks
+(`torch.compile(fullgraph=True)`) and exports (ONNX) with a dynamic batch.
+
+Cheap at batch 1, where a matching is a chain of small ops whose fixed costs (dispatch, a thread
+wake-up per parallel op, caches cold after the attention's matmuls) outweigh their arithmetic:
+the index tensors that depend only on the shapes are built once per `(device, B, N, prefix, r)`;
+the survivors come from one scatter and one top-k over a rank vector instead of cumulative sums;
+the kept, source and destination rows are one index tensor, so `merge` gathers once; and small
+work runs on one thread (`serial`). The outputs (tokens, sizes, indices, the choice among ties)
+are bit-for-bit those of the straightforward formulation (`tests/ops/test_tome.py`).
 """
 
 from __future__ import annotations
@@ -33,15 +41,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from nas.ops.small_work import register_constants, serial, shape_constants
+
 ORDERS = ("reference", "spatial")
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False, slots=True)
 class Merge:
     """A matching, as flat row indices into `x.reshape(B * N, C)`; apply it with `merge`.
 
     keep: the rows that survive, in output order `[B * M]`; src: the merged-away rows `[B * r]`;
     dst: the row each of them merges into; slot: that row's position in the output `[B * r]`.
+    rows: optionally `keep`, `src` and `dst` in one tensor (those three are then views of it), so
+    that `merge` gathers everything it reads in one op.
     """
 
     batch: int
@@ -50,6 +62,14 @@ class Merge:
     src: Tensor
     dst: Tensor
     slot: Tensor
+    rows: Tensor | None = None
+
+    @classmethod
+    def from_rows(cls, batch: int, tokens: int, rows: Tensor, merges: int, slot: Tensor) -> Merge:
+        """From `rows = [keep, src, dst]` (flat), `merges` = B * r."""
+        kept = rows.shape[0] - 2 * merges
+        src, dst = rows[kept : kept + merges], rows[kept + merges :]
+        return cls(batch, tokens, rows[:kept], src, dst, slot, rows)
 
     @property
     def out_tokens(self) -> int:
@@ -62,20 +82,26 @@ class Merge:
         after the gather of the kept ones.
         """
         b, n, c = x.shape
-        xf = x.reshape(b * n, c)
-        out = xf.index_select(0, self.keep)
-        if size is None:
-            s_src = x.new_ones(self.src.numel(), 1)
-            s_out = x.new_ones(self.keep.numel(), 1)
-        else:
-            sf = size.reshape(b * n, 1)
-            s_src = sf.index_select(0, self.src)
-            s_out = sf.index_select(0, self.keep)
-        s_out = _add_rows(s_out, self.slot, s_src)  # in place: fresh tensors from the gathers
-        delta = (xf.index_select(0, self.src) - xf.index_select(0, self.dst)) * (
-            s_src / s_out.index_select(0, self.slot)
-        )
-        _add_rows(out, self.slot, delta)
+        k, r = self.keep.shape[0], self.src.shape[0]
+        with serial(b * n * c):
+            xf = x.reshape(b * n, c)
+            if self.rows is None:
+                out, x_src, x_dst = (xf.index_select(0, i) for i in (self.keep, self.src, self.dst))
+            else:  # one gather; `out` is the leading part of it
+                rows = xf.index_select(0, self.rows)
+                out, x_src, x_dst = rows[:k], rows[k : k + r], rows[k + r :]
+            if size is None:
+                ones = x.new_ones(k + r, 1)
+                s_out, s_src = ones[:k], ones[k:]
+            elif self.rows is None or size.requires_grad:
+                sf = size.reshape(b * n, 1)
+                s_out, s_src = sf.index_select(0, self.keep), sf.index_select(0, self.src)
+            else:
+                sizes = size.reshape(b * n, 1).index_select(0, self.rows[: k + r])
+                s_out, s_src = sizes[:k], sizes[k:]
+            s_out = _add_rows(s_out, self.slot, s_src)  # in place: fresh tensors from the gathers
+            delta = (x_src - x_dst) * (s_src / s_out.index_select(0, self.slot))
+            _add_rows(out, self.slot, delta)
         m = self.out_tokens
         return out.view(b, m, c), s_out.view(b, m, 1)
 
@@ -101,6 +127,55 @@ def _add_rows(out: Tensor, index: Tensor, rows: Tensor) -> Tensor:
     return out.index_add_(0, index, rows)
 
 
+def _reference_constants(device: torch.device, b: int, n: int, p: int, r: int) -> tuple[Tensor, ...]:
+    """Shape constants of the reference order for `b` samples of `n` tokens, `p` prefix, `r` merges.
+
+    `rank` (float `[|A|]`: |A| - j for the mergeable A tokens j, 0 for the prefix ones: the largest
+    |A| - pa - r of a copy with the merged ones zeroed are the unmerged ones, in sequence order);
+    `zeros [p]` and `b_index` (the non-prefix B indices k) that stand in the index list for the
+    prefix and B tokens; `base` such that `base + 2 * [prefix 0s, unmerged A, B indices, src A,
+    dst B]` (flattened per part over the batch) are the flat rows `[keep, src, dst]` of
+    `[B * n, C]`; `slot_base`: `dst B index + slot_base` is that token's flat output row.
+    """
+    size_a, size_b, pa, pb = (n + 1) // 2, n // 2, (p + 1) // 2, p // 2
+    j = torch.arange(size_a, device=device)
+    rank = torch.where(j >= pa, size_a - j, 0).float()
+    unmerged = size_a - pa - r
+    m = n - r
+    local = torch.cat(
+        [
+            torch.arange(p, device=device),  # prefix: its positions
+            torch.zeros(unmerged, dtype=torch.long, device=device),  # A: 2j
+            torch.ones(size_b - pb, dtype=torch.long, device=device),  # B: 2k + 1
+        ]
+    )
+    sample = torch.arange(b, device=device).unsqueeze(1)
+    base = torch.cat(
+        [
+            (local + n * sample).view(-1),
+            (n * sample).expand(b, r).reshape(-1),  # src: 2j
+            (n * sample + 1).expand(b, r).reshape(-1),  # dst: 2k + 1
+        ]
+    )
+    slot_base = m * sample + (p + unmerged - pb)
+    zeros = torch.zeros(p, dtype=torch.long, device=device)
+    return rank, zeros, torch.arange(pb, size_b, device=device), base, slot_base
+
+
+def _spatial_constants(device: torch.device, b: int, n: int, r: int) -> tuple[Tensor, ...]:
+    """Shape constants of the spatial order: `rank` (float `[n]`: n - i; the largest n - r of a copy
+    with the merged tokens zeroed are the survivors in sequence order), `base` (the flat row of
+    each sample's token 0, for every entry of `[keep, src, dst]`) and `slot_base` (the flat output
+    row of each sample's first output token, `[B, 1]`)."""
+    sample = torch.arange(b, device=device).unsqueeze(1)
+    base = torch.cat([(n * sample).expand(b, k).reshape(-1) for k in (n - r, r, r)])
+    return torch.arange(n, 0, -1, device=device).float(), base, (n - r) * sample
+
+
+register_constants("reference", _reference_constants)
+register_constants("spatial", _spatial_constants)
+
+
 def identity_merge(batch: int, tokens: int, device: torch.device | None = None) -> Merge:
     """The matching that merges nothing (r = 0)."""
     empty = torch.empty(0, dtype=torch.long, device=device)
@@ -121,32 +196,34 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int = 1, order: 
     """
     if order not in ORDERS:
         raise ValueError(f"ToMe order must be one of {', '.join(ORDERS)}, got {order!r}")
-    b, n, _ = metric.shape
+    b, n, c = metric.shape
     r = clamp_r(r, n, num_prefix)
     if r == 0:
         return identity_merge(b, n, metric.device)
-    if order == "reference":
-        return _reference_matching(metric, r, num_prefix)
-    m = metric[:, num_prefix:]
+    with serial(b * n * c):
+        if order == "reference":
+            return _reference_matching(metric, r, num_prefix)
+        return _spatial_matching(metric, r, num_prefix)
+
+
+def _spatial_matching(metric: Tensor, r: int, p: int) -> Merge:
+    """vitnas's order: A/B alternate over the non-prefix tokens; survivors keep sequence order."""
+    b, n, _ = metric.shape
+    m = metric[:, p:]
     m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     best, match = (m[:, ::2] @ m[:, 1::2].transpose(1, 2)).max(dim=-1)  # per A token: best B
     src_a = best.topk(r, dim=-1).indices  # [B, r] indices into A
-    first = torch.arange(num_prefix, b * n, n, device=metric.device).unsqueeze(1)  # flat row of token p
-    src = (first + 2 * src_a).view(-1)
-    dst = (first + 1 + 2 * match.gather(1, src_a)).view(-1)
-    keep = torch.ones(b * n, dtype=torch.bool, device=metric.device).index_fill_(0, src, 0)
-    pos = keep.cumsum(dim=0) - 1  # every sample keeps n - r rows, so this is the flat output row
-    rows = torch.arange(b * n, device=metric.device)
-    return Merge(b, n, _kept_rows(keep, pos, rows, b * (n - r)), src, dst, pos.index_select(0, dst))
-
-
-def _kept_rows(keep: Tensor, pos: Tensor, rows: Tensor, count: int) -> Tensor:
-    """`rows[keep]` in order, given `pos = keep.cumsum(0) - 1` and `count = keep.sum()` (known
-    from the shapes): a permutation scatter instead of boolean indexing, so the result's shape
-    does not depend on the data (no graph break under `torch.compile`, exportable)."""
-    dropped = (~keep).cumsum(dim=0) - 1 + count  # the dropped rows go after the kept ones
-    order = torch.where(keep, pos, dropped)
-    return torch.zeros_like(rows).scatter_(0, order, rows)[:count]
+    src = 2 * src_a + p  # token positions
+    dst = 2 * match.gather(1, src_a) + (p + 1)
+    rank, base, slot_base = shape_constants("spatial", metric.device, b, n, r)
+    keep = rank.expand(b, n).scatter(1, src, 0.0).topk(n - r, dim=-1).indices  # survivors, in order
+    slot = dst - (dst.unsqueeze(2) > src.unsqueeze(1)).sum(dim=-1)  # minus the merged tokens before it
+    if torch.compiler.is_compiling() or b > 1:  # sample offsets (none for one sample)
+        rows = torch.cat([keep.view(-1), src.view(-1), dst.view(-1)]) + base
+        slot = slot + slot_base
+    else:
+        rows = torch.cat([keep, src, dst], dim=1).view(-1)
+    return Merge.from_rows(b, n, rows, b * r, slot.view(-1))
 
 
 def _reference_matching(metric: Tensor, r: int, p: int) -> Merge:
@@ -156,24 +233,25 @@ def _reference_matching(metric: Tensor, r: int, p: int) -> Merge:
     already clamped, so it never exceeds the non-prefix A tokens and a -inf row is never picked.
     """
     b, n, _ = metric.shape
-    dev = metric.device
     m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     scores = m[:, ::2] @ m[:, 1::2].transpose(1, 2)  # [B, |A|, |B|]
-    scores[:, : (p + 1) // 2] = -torch.inf  # prefix tokens at even positions never merge ...
-    scores[:, :, : p // 2] = -torch.inf  # ... and those at odd positions never take a merge
+    pa, pb = (p + 1) // 2, p // 2
+    scores[:, :pa] = -torch.inf  # prefix tokens at even positions never merge ...
+    if pb:
+        scores[:, :, :pb] = -torch.inf  # ... and those at odd positions never take a merge
     best, match = scores.max(dim=-1)
     src_a = best.topk(r, dim=-1).indices  # [B, r] indices into A
     dst_b = match.gather(1, src_a)  # [B, r] indices into B, never a prefix column
-    first = torch.arange(0, b * n, n, device=dev).unsqueeze(1)  # flat row of each sample's token 0
-    src, dst = (first + 2 * src_a).view(-1), (first + 2 * dst_b + 1).view(-1)
-    # output order of all n positions (built from aranges only: a static permutation of n)
-    even = torch.arange(p + p % 2, n, 2, device=dev)
-    perm = torch.cat([torch.arange(p, device=dev), even, torch.arange(p + 1 - p % 2, n, 2, device=dev)])
-    kept = torch.ones(b * n, dtype=torch.bool, device=dev).index_fill_(0, src, 0).view(b, n)[:, perm]
-    out_row = (kept.view(-1).cumsum(dim=0) - 1).view(b, n)  # flat output row of each place (n - r per sample)
-    slot = out_row.gather(1, dst_b + (p + even.numel() - p // 2))  # B index k sits at p + |even| + k - p//2
-    keep = _kept_rows(kept.view(-1), out_row.view(-1), (first + perm).view(-1), b * (n - r))
-    return Merge(b, n, keep, src, dst, slot.view(-1))
+    rank, zeros, b_index, base, slot_base = shape_constants("reference", metric.device, b, n, p, r)
+    unmerged = scores.shape[1] - pa - r
+    unm_a = rank.expand(b, -1).scatter(1, src_a, 0.0).topk(unmerged, dim=-1).indices  # in order
+    parts = [zeros.expand(b, -1), unm_a, b_index.expand(b, -1)][0 if p else 1 :]
+    if torch.compiler.is_compiling() or b > 1:  # [keep of every sample, src of every sample, dst ...]
+        index = torch.cat([torch.cat(parts, dim=1).view(-1), src_a.view(-1), dst_b.view(-1)])
+    else:  # one sample: one cat
+        index = torch.cat([*parts, src_a, dst_b], dim=1).view(-1)
+    rows = torch.add(base, index, alpha=2)
+    return Merge.from_rows(b, n, rows, b * r, (dst_b + slot_base).view(-1))
 
 
 def merge_wavg(merge: Merge, x: Tensor, size: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -274,3 +274,28 @@ def test_reapplying_keeps_trained_decision_networks_and_a_patched_model_pickles(
         assert torch.equal(copy.deepcopy(model)(images), out)
     adavit_patch.apply(model, {"kind": "adavit", "usage": ALL, "start": 2})  # another shape: fresh networks
     assert sorted(model.adavit) == ["2"]
+
+
+def test_timm_patch_takes_the_adavit_kind_and_one_model_carries_one_patch():
+    """``timm_patch.apply(model, {"kind": "adavit", ...})`` is AdaViT (the issue's spelling); a
+    token-reduction schedule replaces it and back; ``timm_patch.remove`` undoes either."""
+    from nas.ops import timm_patch
+
+    model = _model()
+    images = _images()
+    with torch.no_grad():
+        ref = model(images)
+        timm_patch.apply(model, {"kind": "tome", "r": 2})
+        timm_patch.apply(model, {"kind": "adavit", "usage": ALL})
+        assert adavit_patch.is_adaptive(model)
+        assert all(type(b).__module__ != "nas.ops.timm_patch" for b in model.blocks)
+        _force(model)
+        assert torch.equal(model(images), ref)
+        timm_patch.apply(model, {"kind": "tome", "r": 2})
+        assert not adavit_patch.is_adaptive(model) and not any(k.startswith("adavit.") for k in model.state_dict())
+        reduced = model(images)
+        assert not torch.equal(reduced, ref)
+        timm_patch.apply(model, {"kind": "adavit", "usage": ALL})
+        timm_patch.remove(model)
+        assert type(model) is VisionTransformer and all(type(b).__module__.startswith("timm.") for b in model.blocks)
+        assert torch.equal(model(images), ref)

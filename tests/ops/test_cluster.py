@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from nas.ops.cluster import cluster_pool, kmeans, kmedoids
+from nas.ops.cluster import cluster_pool, cluster_pool_assign, kmeans, kmedoids
 
 
 def _blobs(b=2, k=4, per=5, c=3, seed=0):
@@ -116,3 +116,97 @@ def test_gradients_flow_and_bad_k_raises():
         cluster_pool(x, 13)
     with pytest.raises(ValueError, match="not one of"):
         cluster_pool(x, 3, "dbscan")
+
+
+# -- the batch-1 work left every output as it was ----------------------------------------------------
+def _previous_kmedoids(x, k, iters, w):
+    """(Weighted) k-medoids of one sample as vitnas computed it before the batch-1 speed work,
+    spelled out: symmetric distances with a zero diagonal, evenly spaced first medoids, then
+    `iters` rounds of nearest-medoid assignment and, per non-empty cluster, the member with the least
+    weighted distance to the members (first on a tie); returns the final assignment and medoids."""
+    n = x.shape[0]
+    sq = (x * x).sum(-1, keepdim=True)
+    dist = (sq - 2 * x @ x.T + sq.T).clamp_min(0).sqrt()
+    dist = ((dist + dist.T) * 0.5).masked_fill(torch.eye(n, dtype=torch.bool), 0.0)
+    medoids = torch.linspace(0, n - 1, k).round().long()
+    for _ in range(iters):
+        assign = dist[:, medoids].argmin(-1)
+        for j in range(k):
+            members = (assign == j).nonzero().flatten()
+            if len(members):
+                cost = dist[members][:, members] @ w[members]
+                medoids[j] = members[cost.argmin()]
+    return dist[:, medoids].argmin(-1), medoids
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize(("n", "c", "k"), [(65, 64, 16), (197, 48, 138)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_kmedoids_pooling_equals_the_previous_implementation(batch, n, c, k, weighted):
+    """Assignments, medoids and sizes exactly; the pooled means (a weighted sum per cluster, here
+    summed in another order than the implementation's matrix product) to 1e-6."""
+    g = torch.Generator().manual_seed(batch + n + k)
+    x = torch.randn(batch, n, c, generator=g, dtype=torch.float64)
+    size = torch.randint(1, 4, (batch, n, 1), generator=g).double()
+    weights = torch.rand(batch, n - 1, generator=g, dtype=torch.float64) if weighted else None
+    with torch.inference_mode():
+        pooled, new_size, assign = cluster_pool_assign(x, k, "kmedoids", 5, size, weights)
+    for i in range(batch):
+        w = size[i, 1:, 0] * (1 if weights is None else weights[i])
+        expected_assign, medoids = _previous_kmedoids(x[i, 1:], k, 5, w)
+        assert torch.equal(assign[i], expected_assign)
+        for j in range(k):
+            members = expected_assign == j
+            assert new_size[i, 1 + j, 0] == size[i, 1:][members].sum()
+            expected = (
+                (w[members, None] * x[i, 1:][members]).sum(0) / w[members].sum()
+                if members.any()
+                else x[i, 1 + medoids[j]]
+            )
+            assert_close(pooled[i, 1 + j], expected, atol=1e-6, rtol=0)
+        assert torch.equal(pooled[i, 0], x[i, 0])
+
+
+def _previous_kmeans(x, k, iters, w):
+    """Weighted k-means of one sample as before the batch-1 work: evenly spaced first centres,
+    `iters` Lloyd rounds (an emptied cluster keeps its centre), a final nearest-centre assignment."""
+
+    def nearest(centres):
+        return (
+            ((x * x).sum(-1, keepdim=True) - 2 * x @ centres.T + (centres * centres).sum(-1))
+            .clamp_min(0)
+            .argmin(-1)
+        )
+
+    centres = x[torch.linspace(0, x.shape[0] - 1, k).round().long()]
+    for _ in range(iters):
+        assign = nearest(centres)
+        centres = torch.stack(
+            [
+                (w[assign == j, None] * x[assign == j]).sum(0) / w[assign == j].sum()
+                if (assign == j).any()
+                else centres[j]
+                for j in range(k)
+            ]
+        )
+    return nearest(centres), centres
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize(("n", "c", "k"), [(65, 64, 16), (197, 48, 98)])
+def test_kmeans_pooling_equals_the_previous_implementation(batch, n, c, k):
+    """Assignments and sizes exactly; means to 1e-6 (the reference sums in another order)."""
+    g = torch.Generator().manual_seed(batch + n + k)
+    x = torch.randn(batch, n, c, generator=g, dtype=torch.float64)
+    weights = torch.rand(batch, n - 1, generator=g, dtype=torch.float64)
+    with torch.inference_mode():
+        pooled, new_size, assign = cluster_pool_assign(x, k, "kmeans", 5, None, weights)
+    for i in range(batch):
+        expected_assign, centres = _previous_kmeans(x[i, 1:], k, 5, weights[i])
+        assert torch.equal(assign[i], expected_assign)
+        assert torch.equal(new_size[i, 1:, 0], torch.bincount(expected_assign, minlength=k).double())
+        for j in range(k):
+            members = expected_assign == j
+            w = weights[i, members, None]
+            expected = (w * x[i, 1:][members]).sum(0) / w.sum() if members.any() else centres[j]
+            assert_close(pooled[i, 1 + j], expected, atol=1e-6, rtol=0)

@@ -80,3 +80,42 @@ def test_bad_keep_rate(rate):
     x, attn = _data()
     with pytest.raises(ValueError, match="keep_rate"):
         evit_fuse(x, attn, rate)
+
+
+# -- the batch-1 work left every output as it was ----------------------------------------------------
+def _previous_evit(x, score, keep, size, p):
+    """EViT fusion as vitnas computed it before the batch-1 speed work, spelled out: the `keep`
+    best-scoring tokens in sequence order after the prefix, then one token fused from the others
+    with weights `w = score * size` (zero for the kept ones), `sum_j w_j x_j / max(sum_j w_j, tiny)`,
+    whose size is the fused sizes' sum."""
+    b = x.shape[0]
+    sizes = x.new_ones(b, x.shape[1], 1) if size is None else size
+    kept = score.topk(keep, dim=-1).indices.sort(dim=-1).values
+    dropped = torch.ones_like(score).scatter(1, kept, 0.0)
+    w = score * sizes[:, p:, 0] * dropped
+    total = w.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+    fused = (w.unsqueeze(1) @ x[:, p:]) / total.unsqueeze(-1)
+    tokens = torch.stack([x[i, p:][kept[i]] for i in range(b)])
+    token_sizes = torch.stack([sizes[i, p:][kept[i]] for i in range(b)])
+    fused_size = (sizes[:, p:, 0] * dropped).sum(dim=-1).view(b, 1, 1)
+    return (
+        torch.cat([x[:, :p], tokens, fused], dim=1),
+        torch.cat([sizes[:, :p], token_sizes, fused_size], dim=1),
+    )
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize(("n", "c", "p", "rate"), [(197, 384, 1, 0.7), (139, 384, 1, 0.7), (67, 32, 3, 0.5)])
+def test_fusion_equals_the_previous_implementation_bit_for_bit(batch, n, c, p, rate):
+    """Float32 at DeiT-S shapes too: batch 1 runs on one thread (`serial`), batch 8 on all."""
+    g = torch.Generator().manual_seed(batch * 100 + n)
+    x = torch.randn(batch, n, c, generator=g)
+    score = torch.rand(batch, n - p, generator=g).softmax(dim=-1)
+    size = torch.randint(1, 5, (batch, n, 1), generator=g).float()
+    keep = evit_keep(n - p, rate)
+    for sizes in (None, size):
+        with torch.inference_mode():
+            out, new_size = fuse_topk(x, score, keep, sizes, p)
+        expected, expected_size = _previous_evit(x, score, keep, sizes, p)
+        assert torch.equal(out, expected) and torch.equal(new_size, expected_size)
+        assert out.shape == (batch, p + keep + 1, c)

@@ -236,3 +236,49 @@ def test_bad_schedules_raise_clear_errors(kwargs, schedule, match):
 def test_rejects_models_it_cannot_patch():
     with pytest.raises(ValueError, match="VisionTransformer"):
         timm_patch.apply(torch.nn.Linear(2, 2), {"kind": "none"})
+
+
+@pytest.mark.parametrize("order", ["reference", "spatial"])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_tome_forward_is_the_by_hand_forward_bit_for_bit(order, batch):
+    """The patched block (matching on one thread at small batch, one gather per merge) computes
+    exactly what the library functions give when called by hand; the thread count is restored."""
+    model = _model(reg_tokens=1)
+    images = torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(batch))
+    threads = torch.get_num_threads()
+    with torch.inference_mode():
+        expected = _by_hand(model, images, tome_r=7, order=order)
+        out = timm_patch.apply(model, {"kind": "tome", "r": 7, "order": order})(images)
+    assert torch.equal(out, expected)
+    assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        {"kind": "tome", "r": 5},
+        {"kind": "tome", "r": 5, "order": "spatial", "trace_source": True},
+        {"kind": "evit", "keep_rate": 0.6, "layers": [1, 2]},
+    ],
+    ids=["tome", "tome-spatial", "evit"],
+)
+def test_torch_compile_captures_the_patched_model_in_one_graph(schedule):
+    """dynamo (backend "eager": no code generation) refuses graph breaks with fullgraph=True; the
+    shape caches and the one-thread switch stay out of the graph."""
+    model = timm_patch.apply(_model(reg_tokens=1), schedule)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        for batch in (2, 3, 1):
+            images = _images(batch)
+            assert_close(compiled(images), model(images), rtol=0, atol=1e-5)
+
+
+def test_reductions_are_labelled_for_the_profiler():
+    model = timm_patch.apply(_model(), {"kind": "tome", "r": [4, 0, 2, 0]})
+    evit = timm_patch.apply(_model(), {"kind": "evit", "keep_rate": 0.5, "layers": [1]})
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        model(_images())
+        evit(_images())
+    names = [e.name for e in prof.events()]
+    assert names.count("vitnas::tome") == 2 and names.count("vitnas::evit") == 1

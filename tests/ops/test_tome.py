@@ -207,3 +207,113 @@ def test_inflection_rule_is_the_reference_r_tuple():
 def test_tome_schedule_rejects_bad_input(bad):
     with pytest.raises(ValueError, match="ToMe r"):
         tome_schedule(bad, 3)
+
+
+# -- the batch-1 work left every output as it was ----------------------------------------------------
+def _previous_tome(metric, x, size, r, p, order):
+    """ToMe as vitnas computed it before the batch-1 speed work, one sample at a time and spelled
+    out: cosine similarity of the metric rows (normalised as `m / max(|m|, 1e-12)`), each
+    mergeable A token's best receiving B token (first on a tie), the r A tokens with the best
+    scores (in descending order), survivors in the order of `order`, and each group merged as
+    `x_dst + sum_i (x_i - x_dst) * (s_i / S)` with `S = s_dst + s_1 + ...`, summed in that order.
+
+    Returns per sample `(x [M, C], size [M, 1], kept positions, src positions, dst positions)`.
+    """
+    out = []
+    for i in range(metric.shape[0]):
+        n = metric.shape[1]
+        s = torch.ones(n, 1, dtype=x.dtype) if size is None else size[i]
+        if order == "reference":  # A = even positions, B = odd ones, over the whole sequence
+            a_tokens, b_tokens = range(p + p % 2, n, 2), range(p + 1 - p % 2, n, 2)
+        else:  # over the non-prefix tokens
+            a_tokens, b_tokens = range(p, n, 2), range(p + 1, n, 2)
+        m = metric[i] / metric[i].norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        scores = m[list(a_tokens)] @ m[list(b_tokens)].T
+        best, match = scores.max(dim=-1)
+        chosen = sorted(range(len(a_tokens)), key=lambda j: -best[j].item())[: min(r, (n - p) // 2)]
+        src = [a_tokens[j] for j in chosen]
+        dst = [b_tokens[match[j]] for j in chosen]
+        total = {d: s[d].clone() for d in dst}
+        for a, d in zip(src, dst):
+            total[d] = total[d] + s[a]
+        rows = {j: x[i, j].clone() for j in range(n) if j not in src}
+        for a, d in zip(src, dst):
+            rows[d] = rows[d] + (x[i, a] - x[i, d]) * (s[a] / total[d])
+        if order == "reference":
+            kept = [*range(p), *(j for j in a_tokens if j not in src), *b_tokens]
+        else:
+            kept = sorted(rows)
+        sizes = torch.stack([total.get(j, s[j]) for j in kept])
+        out.append((torch.stack([rows[j] for j in kept]), sizes, kept, src, dst))
+    return out
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize(
+    ("n", "c", "p", "r"), [(197, 384, 1, 13), (197, 384, 1, 16), (66, 32, 2, 9), (40, 16, 0, 7)]
+)
+def test_merges_equal_the_previous_implementation_bit_for_bit(order, batch, n, c, p, r):
+    """Float32 at DeiT-S shapes too: batch 1 runs the matching on one thread (`serial`), batch 8 on all."""
+    g = torch.Generator().manual_seed(batch * 1000 + n + r)
+    metric = torch.randn(batch, n, 64, generator=g)
+    x = torch.randn(batch, n, c, generator=g)
+    size = torch.randint(1, 5, (batch, n, 1), generator=g).float()
+    for sizes in (None, size):
+        with torch.inference_mode():
+            merge = bipartite_soft_matching(metric, r, p, order)
+            out, new_size = merge.merge(x, sizes)
+        expected = _previous_tome(metric, x, sizes, r, p, order)
+        m = n - min(r, (n - p) // 2)
+        assert out.shape == (batch, m, c) and merge.out_tokens == m
+        for i, (x_i, s_i, kept, src, dst) in enumerate(expected):
+            assert torch.equal(out[i], x_i) and torch.equal(new_size[i], s_i)
+            assert merge.keep.view(batch, m)[i].tolist() == [i * n + j for j in kept]
+            assert merge.src.view(batch, -1)[i].tolist() == [i * n + j for j in src]
+            assert merge.dst.view(batch, -1)[i].tolist() == [i * n + j for j in dst]
+            assert merge.slot.view(batch, -1)[i].tolist() == [i * m + kept.index(j) for j in dst]
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_ties_keep_the_choice_of_top_k(order):
+    """Identical tokens tie everywhere: the merged ones are still the ones `topk` names first."""
+    metric = torch.ones(2, 21, 4)
+    merge = bipartite_soft_matching(metric, 5, 1, order)
+    n_a = len(range(0 if order == "reference" else 1, 21, 2))
+    best = torch.ones(2, n_a)
+    if order == "reference":
+        best[:, 0] = -torch.inf  # the class token's row
+    first = 0 if order == "reference" else 1
+    expected = (best.topk(5, dim=-1).indices * 2 + first + torch.tensor([[0], [21]])).view(-1)
+    assert torch.equal(merge.src, expected)
+
+
+def test_serial_runs_small_work_on_one_thread_and_restores_the_count():
+    from nas.ops.small_work import SERIAL_BELOW, serial
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with serial(10):
+            inside = torch.get_num_threads()
+        assert inside == 1 and torch.get_num_threads() == 2
+        with serial(SERIAL_BELOW):
+            assert torch.get_num_threads() == 2
+        with pytest.raises(KeyError), serial(10):
+            raise KeyError("restored on errors too")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_index_constants_made_under_inference_mode_serve_training(order):
+    """The per-shape index tensors are cached: one built during an inference pass must still work
+    in an autograd graph later (inference tensors cannot be saved for backward)."""
+    x, size, metric = _data(b=2, n=29)
+    with torch.inference_mode():
+        bipartite_soft_matching(metric, 4, order=order).merge(x, size)
+    x = x.clone().requires_grad_()
+    out, _ = bipartite_soft_matching(metric, 4, order=order).merge(x, size)
+    out.sum().backward()
+    assert x.grad is not None
