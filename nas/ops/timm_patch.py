@@ -238,7 +238,6 @@ def apply(model: nn.Module, schedule: dict) -> nn.Module:
         from nas.ops import adavit_patch  # the decision networks are only needed for this kind
 
         return adavit_patch.apply(_remove_reduction(model), schedule)
-    remove(model)
     blocks = list(model.blocks)
     for i, blk in enumerate(blocks):
         if not isinstance(blk, TimmBlock) or not isinstance(blk.attn, TimmAttention):
@@ -246,6 +245,7 @@ def apply(model: nn.Module, schedule: dict) -> nn.Module:
                 f"block {i} is {type(blk).__name__} with {type(blk.attn).__name__}: only timm Block/Attention are supported"
             )
     plan = _parse(schedule, len(blocks), model.num_prefix_tokens, model.cls_token is not None)
+    remove(model)  # only once the schedule is known good: a bad one leaves the current patch in place
     for i, blk in enumerate(blocks):
         blk.__class__ = _subclass(_ReducingBlock, type(blk))
         blk._vitnas, blk._vitnas_index = plan, i

@@ -296,6 +296,9 @@ def test_timm_patch_takes_the_adavit_kind_and_one_model_carries_one_patch():
         reduced = model(images)
         assert not torch.equal(reduced, ref)
         timm_patch.apply(model, {"kind": "adavit", "usage": ALL})
+        with pytest.raises(ValueError, match="unknown keys"):  # a bad schedule keeps the current patch
+            timm_patch.apply(model, {"kind": "tome", "r": 2, "ratio": 0.5})
+        assert adavit_patch.is_adaptive(model)
         timm_patch.remove(model)
         assert type(model) is VisionTransformer and all(type(b).__module__.startswith("timm.") for b in model.blocks)
         assert torch.equal(model(images), ref)
