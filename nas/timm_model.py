@@ -3,8 +3,9 @@
 Registered when this module is imported (``import nas`` arranges that once timm is imported).
 ``arch`` is an ``ArchConfig``, a mapping, or a path to an ``arch.yaml``; ``pretrained_file`` (or
 timm's own ``checkpoint_path``) loads weights from a local safetensors file, such as the
-``weights.safetensors`` that ``vitnas export`` writes; ``pretrained=True`` with
-``pretrained_cfg_overlay={"file": ...}`` (what timm's ``train.py --pretrained-path`` passes) does too.
+``weights.safetensors`` that ``vitnas export`` writes; the ``pretrained`` flag together with
+``pretrained_cfg_overlay={"file": ...}`` (what timm's ``train.py --pretrained-path`` passes) reads
+that local file too. Nothing is ever fetched: timm's own loader (hub, URL) is never asked.
 
 The model's ``pretrained_cfg`` comes from the architecture: ``input_size`` (in_chans, image_size,
 image_size), ``num_classes``, ``first_conv="patch_embed.proj"``, ``classifier="head"``, and the
@@ -169,7 +170,7 @@ def vitnas_subnet(pretrained: bool = False, arch=None, pretrained_file: str | No
     spec = resolve_arch(arch)
     overlay = kwargs.pop("pretrained_cfg_overlay", None)
     if pretrained and not pretrained_file:
-        # timm's train.py --pretrained-path: pretrained=True with the file in the cfg overlay
+        # timm's train.py --pretrained-path: the pretrained flag, with a local file in the cfg overlay
         pretrained_file = (overlay or {}).get("file")
         if not pretrained_file:
             raise UserError("vitnas_subnet has no hub weights: pass pretrained_file='weights.safetensors'")

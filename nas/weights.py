@@ -35,7 +35,10 @@ def save_weights(
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
-    """The safetensors header's metadata; ``UserError`` when the file is not readable safetensors."""
+    """The safetensors header's metadata; ``UserError`` when the file is missing (weights are read
+    from local files only, never fetched) or not readable safetensors."""
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such weights file (weights are read from local files only)")
     try:
         with safe_open(str(path), "pt") as f:
             return f.metadata() or {}
@@ -48,9 +51,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 def check_file(path: Path, expect_hash: str | None = None, recorded_in: str | Path | None = None) -> None:
     """``UserError`` unless ``path`` is a readable safetensors file whose ``file_hash`` is
     ``expect_hash`` (when given), the hash recorded in ``recorded_in`` (a sidecar, a recipe)."""
-    if not path.is_file():
-        raise UserError(f"{path}: no such weights file")
-    read_metadata(path)  # a truncated file fails here, before it is hashed
+    read_metadata(path)  # a missing or truncated file fails here, before it is hashed
     if expect_hash:
         actual = file_hash(path)
         if actual != expect_hash:

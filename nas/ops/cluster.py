@@ -47,8 +47,8 @@ def _onehot(assign: Tensor, k: int, dtype: torch.dtype) -> Tensor:
     return assign.new_zeros(*assign.shape, k, dtype=dtype).scatter_(-1, assign.unsqueeze(-1), 1)
 
 
-def _weighted_onehot(assign: Tensor, k: int, weights: Tensor | None, dtype: torch.dtype) -> Tensor:
-    onehot = _onehot(assign, k, dtype)
+def _weighted(onehot: Tensor, weights: Tensor | None) -> Tensor:
+    """Each token's one-hot row `[B, N, k]` times its weight `[B, N]` (unchanged without weights)."""
     return onehot if weights is None else onehot * weights.unsqueeze(-1)
 
 
@@ -61,7 +61,7 @@ def kmeans(x: Tensor, k: int, iters: int = 5, weights: Tensor | None = None) -> 
     """
     centres = x[:, _spread(x.shape[1], k, x.device)]
     for _ in range(iters):
-        w = _weighted_onehot(_sq_dist(x, centres).argmin(-1), k, weights, x.dtype)  # [B, N, k]
+        w = _weighted(_onehot(_sq_dist(x, centres).argmin(-1), k, x.dtype), weights)  # [B, N, k]
         total = w.sum(1).unsqueeze(-1)  # [B, k, 1]
         centres = torch.where(total > 0, (w.transpose(1, 2) @ x) / total.clamp_min(1e-12), centres)
     return _sq_dist(x, centres).argmin(-1), centres
@@ -87,7 +87,7 @@ def kmedoids(x: Tensor, k: int, iters: int = 5, weights: Tensor | None = None) -
     for _ in range(iters):
         assign = dist.gather(2, medoids.unsqueeze(1).expand(b, n, k)).argmin(-1)
         onehot = _onehot(assign, k, x.dtype)  # [B, N, k]
-        weighted = onehot if weights is None else onehot * weights.unsqueeze(-1)
+        weighted = _weighted(onehot, weights)
         member = onehot.bool()
         cost = dist @ weighted  # [B, N candidates, k]: weighted distance to each cluster's members
         best = cost.masked_fill(~member, float("inf")).argmin(1)  # [B, k]

@@ -67,8 +67,8 @@ def fuse_topk(
             new_size[:, -1] = n - p - keep  # the count of fused tokens: the same as summing their sizes
         else:
             new_size = size.reshape(b * n, 1).index_select(0, rows).view(b, p + keep + 1, 1)
-            dropped = dropped if dropped.dtype == size.dtype else dropped.to(size.dtype)
-            new_size[:, -1:] = (size[:, p:, 0] * dropped).sum(dim=-1, keepdim=True).unsqueeze(-1)
+            fused_size = size[:, p:, 0] * dropped.to(size.dtype)  # `.to` is free when the dtype matches
+            new_size[:, -1:] = fused_size.sum(dim=-1, keepdim=True).unsqueeze(-1)
     return out, new_size
 
 

@@ -60,10 +60,8 @@ class _Plan:
 
     def __post_init__(self) -> None:
         #: per block: "tome", "evit" or None (nothing to do), decided once rather than every forward
-        self.actions = [self.kind if self.active(i) else None for i in range(len(self.steps))]
-
-    def active(self, i: int) -> bool:
-        return (self.kind == "tome" and self.steps[i] > 0) or (self.kind == "evit" and self.steps[i] < 1)
+        acts = {"tome": lambda r: r > 0, "evit": lambda keep_rate: keep_rate < 1}.get(self.kind, lambda _: False)
+        self.actions = [self.kind if acts(step) else None for step in self.steps]
 
 
 def _parse(schedule: dict, depth: int, num_prefix: int, has_cls: bool) -> _Plan:
