@@ -1,12 +1,14 @@
 """Export a model to ONNX with a dynamic batch, and prove that ONNX Runtime computes what PyTorch does.
 
-``export_onnx(model, path, input_shape)`` writes the model with torch's current exporter
-(``torch.onnx.export(..., dynamo=True, dynamic_shapes=...)``: ``torch.export`` then onnxscript),
-then ``check_onnx`` runs the file with ONNX Runtime's CPU provider on a seeded random batch and on a
-batch of another size (which proves the batch dimension is dynamic) and compares with the model's
-eval outputs. Works for every ``VitnasSubnet`` (all reductions, poolings and attention kinds: their
-token counts are static and nothing in them depends on the batch size) and for timm ViTs patched
-with ``nas.ops.timm_patch`` (ToMe in both orders, EViT).
+``export_onnx(model, path, input_shape)`` (``input_shape``: one sample's, ``(C, H, W)`` for a model
+of images, ``(N, C)`` for a block of tokens as the latency table times) writes the model with
+torch's current exporter (``torch.onnx.export(..., dynamo=True, dynamic_shapes=...)``:
+``torch.export`` then onnxscript), then ``check_onnx`` runs the file with ONNX Runtime's CPU
+provider on a seeded random batch and on a batch of another size (which proves the batch dimension
+is dynamic) and compares with the model's eval outputs. Works for every ``VitnasSubnet`` (all
+reductions, poolings and attention kinds: their token counts are static and nothing in them
+depends on the batch size) and for timm ViTs patched with ``nas.ops.timm_patch`` (ToMe in both
+orders, EViT).
 
 Why no TorchScript fallback: the dynamo exporter handles every op these models use (TopK, sort,
 accumulating ScatterND, one-hot, GatherElements, SDPA), so ``dynamo=False`` is never needed.
@@ -57,7 +59,7 @@ class OnnxCheck:
     max_abs_diff: float  # largest |ONNX Runtime - PyTorch| over every output of every batch checked
     runtime: str  # e.g. "onnxruntime 1.32.0"
     batches: tuple[int, ...]  # batch sizes run (two different ones: the batch is dynamic)
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]  # one sample's: (C, H, W) for images
 
 
 def require_onnx():
@@ -132,8 +134,8 @@ def export_onnx(
 ) -> OnnxCheck:
     """Write ``model`` (in eval mode) to ``path`` (a file such as ``x.onnx``, or a folder:
     ``model.onnx`` in it) with a dynamic batch dimension, then ``check_onnx`` it. ``input_shape`` is
-    ``(C, H, W)`` (default: the model's, see ``model_input_shape``); ``threads``: ONNX Runtime's
-    intra-op threads for the check. Nothing is left at ``path`` when either step fails."""
+    one sample's (default: the model's ``(C, H, W)``, see ``model_input_shape``); ``threads``: ONNX
+    Runtime's intra-op threads for the check. Nothing is left at ``path`` when either step fails."""
     require_onnx()
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
         raise UserError(f"ONNX opset {opset!r}: must be an integer >= {MIN_OPSET} (default {DEFAULT_OPSET})")
@@ -217,10 +219,12 @@ def check_onnx(
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
+def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
     shape = tuple(shape)
-    if len(shape) != 3 or not all(isinstance(s, int) and s > 0 for s in shape):
-        raise UserError(f"ONNX input_shape {shape}: expected (C, H, W), three positive integers")
+    if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+        raise UserError(
+            f"ONNX input_shape {shape}: expected one sample's shape, positive integers such as (C, H, W)"
+        )
     return shape
 
 
@@ -259,7 +263,7 @@ def _quiet() -> Iterator[None]:
 
 
 def _export(
-    model: nn.Module, path: Path, shape: tuple[int, int, int], opset: int, batch: int, seed: int
+    model: nn.Module, path: Path, shape: tuple[int, ...], opset: int, batch: int, seed: int
 ) -> None:
     import warnings
 
@@ -276,7 +280,7 @@ def _export(
                 dynamo=True,
                 dynamic_shapes=({0: dim},),
                 opset_version=opset,
-                input_names=["images"],
+                input_names=["images" if len(shape) == 3 else "input"],
                 external_data=large,
                 verbose=False,
             )

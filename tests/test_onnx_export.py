@@ -173,12 +173,25 @@ def test_without_the_onnx_extra_the_error_says_how_to_install_it(monkeypatch, tm
         open_session(tmp_path / "m.onnx")
 
 
+def test_a_block_of_tokens_exports_with_its_own_sample_shape(tmp_path):
+    """What the latency table times on a deployment runtime: one cell of tokens ``(N, C)``, not images."""
+    from nas.hardware.parts import decompose
+
+    cell, n = next((part, n) for part, n in decompose(SMALL) if type(part).__name__ == "CellPart")
+    module, shape = cell.module(n)
+    assert len(shape) == 2  # (N, C)
+    check = export_onnx(module, tmp_path / "cell.onnx", shape)
+    assert check.input_shape == shape and check.max_abs_diff <= ATOL and check.batches == (2, 3)
+    assert [i.name for i in onnx.load(str(check.path)).graph.input] == ["input"]
+
+
 def test_bad_arguments_are_user_errors(tmp_path):
     model = _model(SMALL)
     with pytest.raises(UserError, match="opset 16: must be an integer >= 17"):
         export_onnx(model, tmp_path, opset=16)
-    with pytest.raises(UserError, match="expected \\(C, H, W\\)"):
-        export_onnx(model, tmp_path, (16, 16))
+    for bad in ((), (16, 0), (16, 2.5), (True, 16)):
+        with pytest.raises(UserError, match="expected one sample's shape, positive integers"):
+            export_onnx(model, tmp_path, bad)
 
 
 def _slow_archs() -> list:

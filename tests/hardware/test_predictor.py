@@ -247,6 +247,23 @@ def test_build_resumes_after_interruption(tiny, tmp_path, monkeypatch):
     assert build(force=True).calls == total
 
 
+@pytest.mark.slow
+def test_a_table_built_on_a_deployment_runtime_predicts_for_that_runtime_only(tiny, tmp_path):
+    """Every part is exported and timed by ONNX Runtime as whole candidates are; the table serves
+    that backend's target and no other."""
+    onnx_target = Target.parse("cpu:threads=1,batch=2,backend=onnxruntime")
+    path = tmp_path / "table.json"
+    report = build_table(tiny, onnx_target, path, **{**BUILD, "fit_subnets": 2})
+    table = report.table
+    points = sum(len(grid_points(ns)) for ns in space_parts(tiny).values())
+    assert measurements(table) == points + 2 and table.target == onnx_target.key()
+    assert fingerprint(onnx_target).runtime.startswith("onnxruntime ")
+    predictor = LatencyPredictor.load(path, expect=fingerprint(onnx_target), target=onnx_target)
+    assert all(predictor.predict(tiny.sample(seed)) > 0 for seed in range(6))
+    with pytest.raises(UserError, match="built for target"):
+        LatencyPredictor.load(path, expect=fingerprint(onnx_target), target=TARGET, force=True)
+
+
 def test_build_refuses_a_table_for_something_else(tiny, tmp_path):
     path = tmp_path / "table.json"
     synthetic_table(tiny.largest(), fp=dataclasses.replace(fingerprint(TARGET), cores=999).to_dict()).save(
