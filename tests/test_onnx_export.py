@@ -175,9 +175,9 @@ def test_without_the_onnx_extra_the_error_says_how_to_install_it(monkeypatch, tm
 
 def test_a_block_of_tokens_exports_with_its_own_sample_shape(tmp_path):
     """What the latency table times on a deployment runtime: one cell of tokens ``(N, C)``, not images."""
-    from nas.hardware.parts import decompose
+    from nas.hardware.parts import CellPart, decompose
 
-    cell, n = next((part, n) for part, n in decompose(SMALL) if type(part).__name__ == "CellPart")
+    cell, n = next((part, n) for part, n in decompose(SMALL) if isinstance(part, CellPart))
     module, shape = cell.module(n)
     assert len(shape) == 2  # (N, C)
     check = export_onnx(module, tmp_path / "cell.onnx", shape)
