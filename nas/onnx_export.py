@@ -262,9 +262,7 @@ def _quiet() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def _export(
-    model: nn.Module, path: Path, shape: tuple[int, ...], opset: int, batch: int, seed: int
-) -> None:
+def _export(model: nn.Module, path: Path, shape: tuple[int, ...], opset: int, batch: int, seed: int) -> None:
     import warnings
 
     x = torch.randn(max(batch, 2), *shape, generator=torch.Generator().manual_seed(seed)).to(_device(model))

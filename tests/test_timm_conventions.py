@@ -215,7 +215,6 @@ def test_pretrained_file_metadata_sets_mean_std_and_overlay_wins(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(features(x), expected))
 
 
-
 def test_weights_come_from_local_files_only_and_a_url_or_hub_id_is_one_line():
     """Nothing is fetched at run time: a URL in place of the file, or a hub id without a file, is
     refused in one line before any network is touched."""
@@ -229,6 +228,7 @@ def test_weights_come_from_local_files_only_and_a_url_or_hub_id_is_one_line():
         assert "\n" not in str(err.value)
     with pytest.raises(UserError, match="no such weights file"):
         _create(arch, pretrained_file="missing.safetensors")
+
 
 def test_direct_construction_has_the_cfg_and_the_registry_has_one():
     arch = _arch("kinds-b", 0)

@@ -28,8 +28,8 @@ and the fitted overhead takes in the load of the moment.
 
 On a deployment runtime (``backend=onnxruntime|openvino|tensorrt``) each point is a part exported to
 ONNX with its own sample shape (``(N, C)`` tokens for a cell) and timed by that runtime as whole
-candidates are. The export dominates: about 1-2 s a point here, so psvit-digits' ~650 points take
-15-20 minutes a pass on this 2-core CPU against a few minutes for eager.
+candidates are. The export dominates: about 2.4 s a point on a 2-core CPU, so a pass over
+psvit-digits' ~650 points took 26 minutes there against about 2 for eager.
 
 The file is rewritten atomically every few seconds and on the way out, so an interrupted build
 resumes where it stopped: points that already have their measurement for a pass are skipped.

@@ -60,8 +60,11 @@ class _Plan:
 
     def __post_init__(self) -> None:
         #: per block: "tome", "evit" or None (nothing to do), decided once rather than every forward
-        acts = {"tome": lambda r: r > 0, "evit": lambda keep_rate: keep_rate < 1}.get(self.kind, lambda _: False)
-        self.actions = [self.kind if acts(step) else None for step in self.steps]
+        self.actions = [self.kind if self._reduces(step) else None for step in self.steps]
+
+    def _reduces(self, step: float) -> bool:
+        """ToMe merges when ``r > 0``; EViT prunes when its keep rate is below 1."""
+        return step > 0 if self.kind == "tome" else self.kind == "evit" and step < 1
 
 
 def _parse(schedule: dict, depth: int, num_prefix: int, has_cls: bool) -> _Plan:
