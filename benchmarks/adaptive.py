@@ -3,14 +3,15 @@
 A DeiT-Tiny-family ViT (DeiT-Tiny's 3 heads and MLP ratio at half its width and 4 of its 12
 blocks; 2x2-pixel patches of 16 px digits, so 64 tokens matter) is fine-tuned on digits from
 scratch (``vitnas finetune``); its AdaViT decision networks are then trained once over a range of
-budgets (``vitnas finetune --adaptive``, backbone included) and evaluated at budgets 1.0 / 0.75 /
-0.6 / 0.5 (the same budget for patches, heads and sub-layers; 0.6 lands near half the FLOPs).
+budgets (``vitnas finetune --adaptive``, backbone included at a tenth of the learning rate, the
+default ``backbone_lr``) and evaluated at budgets 1.0 / 0.75 / 0.5 and at the budget whose mean
+GFLOPs on the validation split come closest to half the full model's (bisection; the same budget for
+patches, heads and sub-layers).
 ToMe (r merges per block: constant, or decreasing from 2r to 0) and EViT (a keep rate at blocks
 1/2/3, EViT's quarter points, or 0/1/2 to reach lower FLOPs) patch the fine-tuned model with
 ``nas.ops.timm_patch``, each set to the schedule whose GFLOPs come closest to an AdaViT point's
-mean GFLOPs. "adavit 0.6 per image" runs the same model one image at a time (what packing a batch
-wins); "adavit 0.6 grouped heads" runs each kept-head set on its images alone instead of the union
-of heads (``nas.ops.adavit_patch``, ``batching``).
+mean GFLOPs. "per image" runs the half-FLOPs AdaViT one image at a time (what packing a batch
+wins); "grouped heads" runs each kept-head set on its images alone instead of the union of heads (``nas.ops.adavit_patch``, ``batching``).
 
 GFLOPs: fvcore for the fixed-cost models; AdaViT's per-image count (``sample_flops``: fvcore's count
 of what runs, checked in ``tests/ops/test_adavit.py``, plus the decision networks, which fvcore's
@@ -72,7 +73,7 @@ MODEL_ARGS = {
     "embed_dim": 96,
 }  # DeiT-Tiny's 3 heads, 4 of its 12 blocks, half its width
 IMAGE = 16
-BUDGETS = (1.0, 0.75, 0.6, 0.5)
+BUDGETS = (1.0, 0.75, 0.5)  # and the half-FLOPs budget (``half_flops_budget``)
 TRAIN_RANGE = "patch=0.4..1,head=0.33..1,block=0.4..1"
 EVIT_LAYERS = ([1, 2, 3], [0, 1, 2])
 RESULTS = Path(__file__).parent / "results"
@@ -154,7 +155,8 @@ def run(args) -> dict:
     models, rows = {"full": base}, {}
     rows["full"] = {"method": "full", "setting": "unpatched", "accuracy": classification_accuracy(base, val)["accuracy"],
                     "gflops": full_gflops}  # fmt: skip
-    for b in BUDGETS:
+    half = half_flops_budget(ada, val, full_gflops / 2)
+    for b in sorted({*BUDGETS, half}, reverse=True):
         usage = {k: b for k in ("patch", "head", "block")}
         model = adavit_patch.apply(copy.deepcopy(ada), {"kind": "adavit", "usage": usage if b < 1 else {}})
         row = evaluate_at(model, val, usage) if b < 1 else None
@@ -175,13 +177,12 @@ def run(args) -> dict:
                 models[label] = other
                 rows[label] = {"method": kind, "setting": schedule, "accuracy": classification_accuracy(other, val)["accuracy"],
                                "gflops": flops(other, probe) / 1e9}  # fmt: skip
-    models["adavit 0.6 per image"] = PerImage(models["adavit 0.6"])
-    rows["adavit 0.6 per image"] = {**rows["adavit 0.6"], "method": "adavit-per-image"}
-    grouped = copy.deepcopy(models["adavit 0.6"])
-    models["adavit 0.6 grouped heads"] = adavit_patch.apply(
-        grouped, {**adavit_schedule(0.6), "batching": "group"}
-    )
-    rows["adavit 0.6 grouped heads"] = {**rows["adavit 0.6"], "method": "adavit-grouped-heads"}
+    name = f"adavit {half:g}"
+    models[f"{name} per image"] = PerImage(models[name])
+    rows[f"{name} per image"] = {**rows[name], "method": "adavit-per-image"}
+    grouped = copy.deepcopy(models[name])
+    models[f"{name} grouped heads"] = adavit_patch.apply(grouped, {**adavit_schedule(half), "batching": "group"})
+    rows[f"{name} grouped heads"] = {**rows[name], "method": "adavit-grouped-heads"}
     for row in rows.values():
         row["flop_ratio"] = full_gflops / row["gflops"]
     images = fixed_sample(val, args.images)
@@ -198,7 +199,8 @@ def run(args) -> dict:
         "benchmark": "adaptive",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": f"{MODEL} {MODEL_ARGS} at {IMAGE}px on digits (fine-tuned here from scratch)",
-        "adavit_training": f"{TRAIN_RANGE}, backbone trained too, {args.ada_epochs} epochs, once for every budget",
+        "adavit_training": f"{TRAIN_RANGE}, backbone trained too at backbone_lr "
+        f"{parse_adaptive(TRAIN_RANGE).backbone_lr:g} of lr {args.ada_lr:g}, {args.ada_epochs} epochs, once for every budget",
         "train_seconds": info["train_seconds"],
         "machine": {
             "cpu": cpu_model(),
@@ -216,6 +218,18 @@ def run(args) -> dict:
         "per-round ratio to the full model; median and p10/p90 over rounds",
         "rows": rows,
     }
+
+
+def half_flops_budget(ada, val, target_gflops: float, steps: int = 8) -> float:
+    """The budget (3 decimals) whose mean GFLOPs over ``val`` come closest to ``target_gflops``:
+    bisection over [0.4, 1], the training's range (mean GFLOPs grow with the budget)."""
+    model = adavit_patch.apply(copy.deepcopy(ada), adavit_schedule(0.5))
+    lo, hi, tried = 0.4, 1.0, {}
+    for _ in range(steps):
+        mid = round((lo + hi) / 2, 3)
+        tried[mid] = evaluate_at(model, val, adavit_schedule(mid)["usage"])["gflops"]
+        lo, hi = (mid, hi) if tried[mid] < target_gflops else (lo, mid)
+    return min(tried, key=lambda b: abs(tried[b] - target_gflops))
 
 
 def adavit_schedule(budget: float) -> dict:
@@ -311,7 +325,7 @@ def main() -> None:
         "--work", default="vitnas-runs/bench-adaptive", help="where the trained weights go (reused)"
     )
     parser.add_argument("--base-epochs", type=int, default=40)
-    parser.add_argument("--ada-epochs", type=int, default=8)
+    parser.add_argument("--ada-epochs", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--ada-lr", type=float, default=1e-3)
     parser.add_argument("--rounds", type=int, default=3)

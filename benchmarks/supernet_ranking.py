@@ -67,6 +67,10 @@ def levers(epochs: int) -> dict[str, tuple[dict, str]]:
             f"few-shot split by {FEW_SHOT_CHOICE}: the whole space for {epochs // 2} epochs, then one sub-supernet "
             f"per kind for the other {epochs - epochs // 2} (Zhao et al. 2021)",
         ),
+        "few-shot+more-subnets": (
+            {"few_shot": FEW_SHOT_CHOICE, "random_subnets": 4},
+            f"few-shot split by {FEW_SHOT_CHOICE} and 4 random subnets a step",
+        ),
         "fair+more-subnets": (
             {"sampling": "fair", "random_subnets": 4},
             "fair sampling and 4 random subnets",

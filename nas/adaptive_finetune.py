@@ -8,7 +8,9 @@ decisions which drops change the prediction). Each optimizer step draws its
 budgets uniformly from the ranges asked for (``patch=0.5..1``): the decision networks take the
 budget as an input (``nas.ops.adavit.DecisionNet``), so one training serves every budget in the
 ranges and a search over budgets (``family: adaptive``) needs no fine-tune per candidate. A single
-value (``patch=0.7``) trains at that budget alone.
+value (``patch=0.7``) trains at that budget alone. With ``train_backbone`` the backbone learns at
+``backbone_lr`` times the decision networks' rate (default 0.1): at the full rate the backbone forgets
+what it knew while the decisions are still random (measured in ``benchmarks/adaptive.py``).
 
 A checkpoint (weights, AdamW state, a JSON sidecar) is written beside ``out`` after every epoch;
 ``resume`` continues it exactly: every random stream of an epoch (batch order, budgets, Gumbel
@@ -206,7 +208,9 @@ def adaptive_finetune(
     world = distributed.start(device, config.precision)
     try:
         model.to(world.device)
-        optimizer = make_optimizer(model, config)
+        optimizer = make_optimizer(
+            model, config, lambda name: 1.0 if name.startswith("adavit.") else spec.backbone_lr
+        )
         start, history = 0, []
         if resume:
             start, history = _restore(folder, model, optimizer, identity, config, world.device)

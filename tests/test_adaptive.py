@@ -86,6 +86,7 @@ def test_the_adaptive_option_and_its_mistakes_are_one_line_errors(tmp_path, caps
     for bad, message in [
         ("patch=1.5", "budgets must satisfy 0 < LO <= HI <= 1"),
         ("heads=0.5", "unknown key 'heads'"),
+        ("patch=0.5,backbone_lr=-1", "backbone_lr=-1: expected a non-negative number"),
         ("block=1", "give a budget below 1"),
         ("space", "give the budgets"),
     ]:
@@ -127,6 +128,31 @@ def test_an_interrupted_adaptive_finetune_resumes_exactly(tmp_path):
     # the backbone stayed frozen (decision networks only, the default)
     start = {k: v for k, v in read_tensors(whole.weights).items() if not k.startswith("adavit.")}
     assert start and all(torch.isfinite(v).all() for v in start.values())
+
+
+def test_the_backbone_trains_at_its_share_of_the_learning_rate(tmp_path):
+    """``backbone_lr=0`` with ``train_backbone`` is the frozen backbone, bit for bit (the decision
+    networks see the same gradients either way); a positive share moves the backbone."""
+    space = load_space(_write(tmp_path, TINY_TIMM))
+    config = QUICK.replace(epochs=1, batch_size=128, lr=2e-3)
+    ranges = "patch=0.5..1,head=0.5..1,block=0.5..1"
+    assert parse_adaptive(f"{ranges},backbone_lr=0.25").backbone_lr == 0.25
+    assert parse_adaptive(ranges).backbone_lr == 0.1
+
+    def weights(name: str, spec: str, train_backbone: bool) -> dict[str, torch.Tensor]:
+        out = adaptive_finetune(
+            space, tmp_path / f"{name}.safetensors", parse_adaptive(spec), config=config,
+            train_backbone=train_backbone, progress=False, log=lambda s: None,
+        )  # fmt: skip
+        return read_tensors(out.weights)
+
+    frozen = weights("frozen", ranges, False)
+    still = weights("still", f"{ranges},backbone_lr=0", True)
+    moved = weights("moved", f"{ranges},backbone_lr=0.5", True)
+    assert frozen.keys() == still.keys() == moved.keys()
+    assert all(torch.equal(frozen[k], still[k]) for k in frozen)
+    backbone = [k for k in frozen if not k.startswith("adavit.")]
+    assert backbone and not all(torch.equal(frozen[k], moved[k]) for k in backbone)
 
 
 @pytest.mark.slow  # trains a backbone and decision networks first (the module's fixture)

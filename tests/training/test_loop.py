@@ -171,3 +171,24 @@ def test_compiled_plain_model_trains_like_eager(space, digits, max_weight_diff):
     (eager, h_eager), (compiled, h_compiled) = trained
     assert max_weight_diff(eager, compiled) < 1e-4
     assert abs(h_eager["val_loss"] - h_compiled["val_loss"]) < 1e-3
+
+
+def test_each_parameter_group_follows_the_schedule_at_its_share():
+    from torch import nn
+
+    from nas.training.optim import make_optimizer, set_lr
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    config = TrainConfig(lr=1e-3)
+    plain = make_optimizer(model, config)
+    # without shares: the two groups (decay, no decay) every earlier checkpoint holds
+    assert [len(g["params"]) for g in plain.param_groups] == [2, 4]
+    scaled = make_optimizer(model, config, lambda name: 1.0 if name.startswith("2.") else 0.1)
+    set_lr(scaled, 2e-3)
+    by_param = {id(p): (g["lr"], g["weight_decay"]) for g in scaled.param_groups for p in g["params"]}
+    wd = config.weight_decay
+    assert by_param[id(model[0].weight)] == pytest.approx((2e-4, wd))
+    assert by_param[id(model[1].weight)] == pytest.approx((2e-4, 0.0))
+    assert by_param[id(model[2].weight)] == pytest.approx((2e-3, wd))
+    assert by_param[id(model[2].bias)] == pytest.approx((2e-3, 0.0))
+    assert len(by_param) == len(list(model.parameters()))
