@@ -94,11 +94,13 @@ def uptime() -> str:
 
 
 def train(work: Path, args) -> tuple[Path, Path, dict]:
-    """The fine-tuned backbone and the AdaViT weights (reused from ``work`` when present)."""
+    """The fine-tuned backbone and the AdaViT weights (reused from ``work`` when present, with the
+    seconds their training took, kept in ``work/train_seconds.json``)."""
     timm_space = space_from_dict({**SPACE, "family": "timm", "reduction": {"kind": ["none"]}})
     ada_space = space_from_dict({**SPACE, "family": "adaptive"})
     backbone, ada = work / "backbone.safetensors", work / "adavit.safetensors"
-    seconds = {}
+    record = work / "train_seconds.json"
+    seconds = json.loads(record.read_text()) if record.is_file() else {}
     if not backbone.is_file():
         t0 = time.perf_counter()
         config = QUICK.replace(epochs=args.base_epochs, batch_size=64, lr=args.lr)
@@ -112,6 +114,7 @@ def train(work: Path, args) -> tuple[Path, Path, dict]:
             force=True, progress=False,
         )  # fmt: skip
         seconds["adavit_once_for_every_budget"] = time.perf_counter() - t0
+    record.write_text(json.dumps(seconds))
     return backbone, ada, {"space": ada_space, "timm_space": timm_space, "train_seconds": seconds}
 
 
