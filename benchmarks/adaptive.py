@@ -11,7 +11,8 @@ ToMe (r merges per block: constant, or decreasing from 2r to 0) and EViT (a keep
 1/2/3, EViT's quarter points, or 0/1/2 to reach lower FLOPs) patch the fine-tuned model with
 ``nas.ops.timm_patch``, each set to the schedule whose GFLOPs come closest to an AdaViT point's
 mean GFLOPs. "per image" runs the half-FLOPs AdaViT one image at a time (what packing a batch
-wins); "grouped heads" runs each kept-head set on its images alone instead of the union of heads (``nas.ops.adavit_patch``, ``batching``).
+wins); "grouped heads" runs each kept-head set on its images alone instead of the union of heads
+(``nas.ops.adavit_patch``, ``batching``).
 
 GFLOPs: fvcore for the fixed-cost models; AdaViT's per-image count (``sample_flops``: fvcore's count
 of what runs, checked in ``tests/ops/test_adavit.py``, plus the decision networks, which fvcore's
