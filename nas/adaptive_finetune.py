@@ -178,6 +178,10 @@ def adaptive_finetune(
         )
     if config.compile:
         raise UserError("--compile: AdaViT's decisions change the computation per image; it runs eager")
+    if not train_backbone and spec.backbone_lr != AdaptiveSpec.backbone_lr:
+        raise UserError(
+            f"--adaptive backbone_lr={spec.backbone_lr:g} goes with --train-backbone (without it the backbone is frozen)"
+        )
     spec = resolve_spec(spec, space)
     folder = checkpoint_dir(out)
     if (folder / SIDECAR).is_file() and not (resume or force):
@@ -195,7 +199,7 @@ def adaptive_finetune(
         space.spec, init_path, start=spec.start, head_mode=spec.head_mode, usage=spec.low()
     )
     for name, p in model.named_parameters():
-        p.requires_grad_(train_backbone or name.startswith("adavit."))
+        p.requires_grad_(train_backbone or _decides(name))
     splits = load_splits(data, space.spec.image_size, aug=config.aug)
     if splits.num_classes != space.spec.num_classes:
         raise UserError(
@@ -208,9 +212,7 @@ def adaptive_finetune(
     world = distributed.start(device, config.precision)
     try:
         model.to(world.device)
-        optimizer = make_optimizer(
-            model, config, lambda name: 1.0 if name.startswith("adavit.") else spec.backbone_lr
-        )
+        optimizer = make_optimizer(model, config, lambda name: 1.0 if _decides(name) else spec.backbone_lr)
         start, history = 0, []
         if resume:
             start, history = _restore(folder, model, optimizer, identity, config, world.device)
@@ -273,6 +275,11 @@ def adaptive_finetune(
     finally:
         world.close()
     return FinetuneOutcome(Path(path), history[-1]["val_accuracy"] if history else float("nan"), history)
+
+
+def _decides(name: str) -> bool:
+    """A parameter of the decision networks (the rest is the backbone)."""
+    return name.startswith("adavit.")
 
 
 def _save(folder: Path, model: nn.Module, optimizer, meta: dict) -> None:

@@ -87,6 +87,7 @@ def test_the_adaptive_option_and_its_mistakes_are_one_line_errors(tmp_path, caps
         ("patch=1.5", "budgets must satisfy 0 < LO <= HI <= 1"),
         ("heads=0.5", "unknown key 'heads'"),
         ("patch=0.5,backbone_lr=-1", "backbone_lr=-1: expected a non-negative number"),
+        ("patch=0.5,backbone_lr=0.3", "backbone_lr=0.3 goes with --train-backbone"),
         ("block=1", "give a budget below 1"),
         ("space", "give the budgets"),
     ]:
