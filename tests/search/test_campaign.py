@@ -29,7 +29,7 @@ def measured_ms(tiny, arch) -> float:
 
 
 def test_campaign_end_to_end_on_an_mlflow_server(mlflow_server, tiny, tmp_path, capsys):
-    # a budget that most members meet, not all: 3/4 of the way (log scale) from the smallest to the largest
+    # aims at a budget most members meet, not all: 3/4 of the way (log scale) from the smallest to the largest
     small, large = (measured_ms(tiny, a) for a in (tiny.space.smallest(), tiny.space.largest()))
     budget = round(small**0.25 * large**0.75, 4)
     name = f"e2e-{tmp_path.name}"
@@ -70,8 +70,10 @@ def test_campaign_end_to_end_on_an_mlflow_server(mlflow_server, tiny, tmp_path, 
     )
     assert {int(r.data.tags["trial_number"]) for r in found} == tagged
     assert {r["trial_number"] for r in result.front} == tagged
+    # one best when a trial fits the budget (check_campaign checked which); on a noisy machine none may
     best = [r.trial_number for r in records.runs if r.tags["best_under_budget"] == "true"]
-    assert len(best) == 1 and [result.best_under_budget["trial_number"]] == best
+    assert len(best) == any(t.values[1] <= budget for t in records.trials)
+    assert best == ([] if result.best_under_budget is None else [result.best_under_budget["trial_number"]])
     with open(client.download_artifacts(parent.info.run_id, "pareto.csv", str(tmp_path))) as f:
         rows = list(csv.DictReader(f))
     assert sorted(int(r["trial_number"]) for r in rows) == list(range(6))
