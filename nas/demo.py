@@ -20,7 +20,7 @@ from nas.space import load_space
 from nas.supernet import checkpoint as ckpt
 from nas.supernet.train import train_supernet
 from nas.train import train_from_recipe
-from nas.training.config import TrainConfig
+from nas.training.config import SUPERNET_ONLY, TrainConfig
 
 SPACE = "psvit-digits"
 
@@ -114,18 +114,26 @@ def _supernet(space, ws: Path, config: DemoConfig, log) -> Path:
     """Train the supernet, or continue/reuse the one an earlier demo left in the workspace."""
     folder = ckpt.checkpoint_dir(ws, space)
     resume = (folder / ckpt.SIDECAR).is_file()
+    train = TrainConfig(epochs=config.supernet_epochs, seed=config.seed)
     if resume:
         log(f"found a checkpoint in {folder}: continuing it")
+        train = _as_trained(train, ckpt.read_meta(folder)["config"])
     result = train_supernet(
         space,
         "digits",
         ws,
-        TrainConfig(epochs=config.supernet_epochs, seed=config.seed),
+        train,
         resume=resume,
         progress=config.progress,
         log=log,
     )
     return result.path
+
+
+def _as_trained(config: TrainConfig, saved: dict) -> TrainConfig:
+    """``config`` with the sandwich settings a checkpoint was trained with, so that one trained under
+    an earlier default continues (the demo sets only epochs and seed; a different seed is refused)."""
+    return config.replace(**{k: saved[k] for k in SUPERNET_ONLY if k in saved})
 
 
 def _auto_budget(space, scorer, log) -> float:

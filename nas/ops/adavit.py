@@ -19,6 +19,8 @@ Everything here is pure torch and batched; ``nas.ops.adavit_patch`` puts it into
 
 from __future__ import annotations
 
+from array import array
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,6 +32,14 @@ BUDGET_EPS = 1e-3
 #: exp() argument cap in masked attention: a dropped key scoring far above every kept one cannot
 #: overflow (its weight is multiplied by 0 anyway; its gradient to the keep decision is capped)
 _EXP_CAP = 20.0
+
+
+def index_tensor(values: list[int], device: torch.device | str) -> Tensor:
+    """``torch.tensor(values)`` (int64) on ``device``, through a buffer: several times cheaper for the
+    short index lists inference builds before every decided block (about 1.5 against 9 us here)."""
+    if not values:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    return torch.frombuffer(array("q", values), dtype=torch.int64).to(device)
 
 
 def budget_logit(budget: float) -> float:
@@ -177,7 +187,7 @@ def packed_attention(q: Tensor, k: Tensor, v: Tensor, lengths: list[int], fused:
         qkv = [t.view(b, longest, h, d).transpose(1, 2) for t in (q, k, v)]
         return _attend(*qkv, None, fused).transpose(1, 2).reshape(-1, h, d)
     # built in Python and moved in one call each: a tensor op per step costs more than the lists here
-    rows = torch.tensor([j * longest + r for j, n in enumerate(lengths) for r in range(n)], device=q.device)
+    rows = index_tensor([j * longest + r for j, n in enumerate(lengths) for r in range(n)], q.device)
     inf = float("-inf")
     bias = torch.tensor([[0.0] * n + [inf] * (longest - n) for n in lengths], dtype=q.dtype, device=q.device)
     padded = q.new_zeros(b * longest, 3, h, d)

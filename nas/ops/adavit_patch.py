@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from itertools import compress
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,7 @@ from nas.ops.adavit import (
     block_flops,
     gate_heads,
     head_channels,
+    index_tensor,
     keep_decision,
     masked_attention,
     packed_attention,
@@ -104,15 +106,17 @@ class _Plan:
     def offset(self, i: int, net: DecisionNet) -> Tensor:
         """``fc.bias + gain * bias``: the decision's whole constant term, so that inference runs the
         decision network as one LayerNorm and one linear; remade when either parameter changes."""
+        bias, gain = net.fc.bias, net.gain
         if torch.is_grad_enabled():  # a gradient wanted in eval: through the parameters
-            return net.fc.bias + net.gain * self.bias(i, net)
-        version = (net.fc.bias._version, net.fc.bias.data_ptr(), net.gain._version, net.gain.data_ptr())
-        key = ("offset", i, net.fc.weight.device, net.fc.weight.dtype)
-        hit = self.biases.get(key)
-        if hit is None or hit[0] != version:
+            return bias + gain * self.bias(i, net)
+        # the same tensors, unchanged (a step or a load bumps the version, a move changes the pointer);
+        # checked cheaply: this runs before every decided block
+        version = (bias._version, gain._version, bias.data_ptr(), gain.data_ptr())
+        hit = self.biases.get(("offset", i))
+        if hit is None or hit[0] != version or hit[1] is not bias or hit[2] is not gain:
             with torch.inference_mode(False), torch.no_grad():
-                hit = self.biases[key] = (version, net.fc.bias + net.gain * self.bias(i, net))
-        return hit[1]
+                hit = self.biases[("offset", i)] = (version, bias, gain, bias + gain * self.bias(i, net))
+        return hit[3]
 
     @property
     def enabled(self) -> tuple[str, ...]:
@@ -318,9 +322,10 @@ def _packed(model, x: Tensor) -> Tensor:
         heads = attn = ffn = None
         if net is not None:
             token = (
-                rows[:1] if b == 1 else rows.index_select(0, torch.tensor(_starts(members), device=x.device))
+                rows[:1] if b == 1 else rows.index_select(0, index_tensor(_starts(members), x.device))
             )
-            decided = (F.linear(net.norm(token), net.fc.weight, plan.offset(i, net)) > 0).tolist()
+            logits = F.linear(net.norm(token), net.fc.weight, plan.offset(i, net)).tolist()
+            decided = [[v > 0 for v in row] for row in logits]  # in Python: one tensor op less a block
             patches, h = net.patches, net.heads
             if "patch" in plan.budget:
                 rows, members = _drop_patches(rows, members, decided, p, n, gone)
@@ -341,12 +346,13 @@ def _packed(model, x: Tensor) -> Tensor:
         plan.keep = None
         return rows.view(b, n, c)
     slots = [q + j * n for j, m in enumerate(members) for q in m]
-    left = torch.cat([t for t, _ in gone])
-    out = torch.empty(b * n, c, dtype=rows.dtype, device=rows.device)
-    out[torch.tensor(slots + [s for _, ss in gone for s in ss], device=x.device)] = torch.cat([rows, left])
+    row_of = [0] * (b * n)  # slot -> its row in (present rows, then the departed in the order they left)
+    for r, slot in enumerate(slots + [s for _, ss in gone for s in ss]):
+        row_of[slot] = r
+    out = torch.cat([rows, *(t for t, _ in gone)]).index_select(0, index_tensor(row_of, x.device))
     if model.global_pool in ("avg", "max", "avgmax"):
         keep = torch.zeros(b * n, dtype=torch.bool, device=x.device)
-        keep[torch.tensor(slots, device=x.device)] = True
+        keep[index_tensor(slots, x.device)] = True
         plan.keep = keep.view(b, n)
     else:
         plan.keep = None
@@ -358,25 +364,27 @@ def _drop_patches(
 ) -> tuple[Tensor, list[list[int]]]:
     """Gather out the patches whose keep decision is 0 (prefix tokens always stay)."""
     kept_rows, left_rows, slots, new_members = [], [], [], []
-    offset = 0
+    offset, prefix = 0, [True] * p
     for j, (m, d) in enumerate(zip(members, decided)):
-        keep = [q for q in m if q < p or d[q - p]]
-        if len(keep) != len(m):
-            for r, q in enumerate(m):
-                if q < p or d[q - p]:
-                    kept_rows.append(offset + r)
-                else:
-                    left_rows.append(offset + r)
-                    slots.append(j * n + q)
-        else:
-            kept_rows.extend(range(offset, offset + len(m)))
+        by_position = prefix + d  # d: patch decisions first, then heads and sub-layers (never indexed)
+        flags = list(map(by_position.__getitem__, m))
+        rows_here = range(offset, offset + len(m))
+        if all(flags):
+            kept_rows.extend(rows_here)
+            new_members.append(m)
+        else:  # compress: the loops in C, as this runs before every decided block
+            dropped = [not f for f in flags]
+            kept_rows.extend(compress(rows_here, flags))
+            left_rows.extend(compress(rows_here, dropped))
+            slots.extend(j * n + q for q in compress(m, dropped))
+            new_members.append(list(compress(m, flags)))
         offset += len(m)
-        new_members.append(keep)
     if not left_rows:
         return rows, members
-    device = rows.device
-    gone.append((rows.index_select(0, torch.tensor(left_rows, device=device)), slots))
-    return rows.index_select(0, torch.tensor(kept_rows, device=device)), new_members
+    # one gather for both: the kept rows first, then those leaving
+    both = rows.index_select(0, index_tensor(kept_rows + left_rows, rows.device))
+    gone.append((both[len(kept_rows) :], slots))
+    return both[: len(kept_rows)], new_members
 
 
 def _starts(members) -> list[int]:
@@ -428,7 +436,7 @@ def _packed_block(
                 run = list(range(a.num_heads)) if kept is None else kept
                 flags = torch.tensor([[h in set(hs) for h in run] for hs in per_image], device=rows.device)
                 mask = flags.repeat_interleave(
-                    torch.tensor([lengths[s] for s in members], device=rows.device), dim=0
+                    index_tensor([lengths[s] for s in members], rows.device), dim=0
                 )
             y = _packed_msa(a, blk.norm1(xr), [lengths[s] for s in members], kept, mode, mask)
         rows = _add_rows(rows, index, blk.ls1(y))
@@ -454,7 +462,7 @@ def _rows_of(members: list[int], lengths: list[int], starts, device) -> tuple[Te
     if len(members) == len(lengths):
         return None, starts
     index = [r for s in members for r in range(starts[s], starts[s] + lengths[s])]
-    return torch.tensor(index, device=device), starts
+    return index_tensor(index, device), starts
 
 
 def _packed_msa(

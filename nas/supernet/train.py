@@ -280,7 +280,8 @@ def _restore(
     changed = config.changes_on_resume(meta["config"])
     if changed:
         raise UserError(
-            f"{folder}: resume continues with the checkpoint's settings; these differ: {', '.join(changed)}"
+            f"{folder}: resume continues with the checkpoint's settings; these differ: {', '.join(changed)} "
+            "(give the checkpoint's values, or --force to start again)"
         )
     if meta["config"]["epochs"] != config.epochs and world.main:
         log(

@@ -12,7 +12,7 @@ from torch.testing import assert_close
 
 from nas.hardware.flops import flops
 from nas.ops import adavit_patch
-from nas.ops.adavit import DecisionNet, budget_logit, keep_decision, usage_loss
+from nas.ops.adavit import DecisionNet, budget_logit, index_tensor, keep_decision, usage_loss
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=4, num_classes=10)  # 16 patches
 CONFIGS = {
@@ -302,3 +302,11 @@ def test_timm_patch_takes_the_adavit_kind_and_one_model_carries_one_patch():
         timm_patch.remove(model)
         assert type(model) is VisionTransformer and all(type(b).__module__.startswith("timm.") for b in model.blocks)
         assert torch.equal(model(images), ref)
+
+
+@pytest.mark.parametrize("values", [[], [0], [5, 2, 2**40, 7]])
+def test_index_tensor_is_torch_tensor_of_the_list(values):
+    got = index_tensor(values, "cpu")
+    assert got.dtype == torch.int64 and got.tolist() == values
+    values.append(1)  # built from a copy: the list may change after
+    assert got.tolist() == values[:-1]

@@ -62,7 +62,8 @@ def test_a_pin_keeps_every_draw_in_its_part_of_the_space(space):
 
 
 def test_default_sampling_is_the_uniform_draw_of_before(space):
-    """The default config draws exactly what the sandwich drew before the levers existed."""
+    """The default config draws exactly what the sandwich drew before the levers existed (with its
+    default number of random subnets)."""
     from nas.space import RandomChooser
     from nas.supernet.sampling import SmallestSizesChooser
 
@@ -72,7 +73,7 @@ def test_default_sampling_is_the_uniform_draw_of_before(space):
     rng = random.Random(7)
     before = [
         [space.largest(), space.draw(SmallestSizesChooser(rng))]
-        + [space.draw(RandomChooser(rng)) for _ in range(2)]
+        + [space.draw(RandomChooser(rng)) for _ in range(TrainConfig().random_subnets)]
         for _ in range(3)
     ]
     assert ours == before
