@@ -59,7 +59,13 @@ class LinearAttention(nn.Module):
         b, n, c = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         y = merge_heads(relu_linear_attention(q, k, v, size))
-        p = self.num_prefix
-        local = self.local(merge_heads(v)[:, p:].transpose(1, 2)).transpose(1, 2)
-        y = y + F.pad(local, (0, 0, p, 0))
+        y = y + local_term(merge_heads(v), self.local.weight, self.local.bias, self.num_prefix)
         return self.proj(y), None, k.mean(dim=1)
+
+
+def local_term(v: Tensor, weight: Tensor, bias: Tensor | None, num_prefix: int = 1) -> Tensor:
+    """The local detail term: a depthwise 1D conv over the non-prefix value tokens ``v [B, N, C]``
+    (prefix rows get zero). Weights are passed in, so the supernet runs it on its slices too."""
+    k = weight.shape[-1]
+    y = F.conv1d(v[:, num_prefix:].transpose(1, 2), weight, bias, padding=k // 2, groups=v.shape[-1])
+    return F.pad(y.transpose(1, 2), (0, 0, num_prefix, 0))

@@ -50,7 +50,7 @@ from nas.arch import ArchConfig, StageConfig, kept_tokens
 from nas.ops.attention import apply_shared_attention, attention, class_attention, merge_heads, split_heads
 from nas.ops.cluster import cluster_pool, cluster_pool_assign
 from nas.ops.evit import evit_keep, fuse_topk, top_tokens
-from nas.ops.linear_attention import relu_linear_attention
+from nas.ops.linear_attention import local_term, relu_linear_attention
 from nas.ops.pooling import avg_pool, conv1d_pool, conv2d_pool, pool_stride, tome_pool
 from nas.ops.tome import bipartite_soft_matching
 
@@ -235,17 +235,6 @@ def layer_norm(x: Tensor, p) -> Tensor:
     return F.layer_norm(x, (x.shape[-1],), p.weight, p.bias, LN_EPS)
 
 
-def local_conv(v: Tensor, p, num_prefix: int = 1) -> Tensor:
-    """Depthwise 1D conv over the non-prefix value tokens ``[B, N, C]``; prefix rows get zero.
-
-    TODO(ops): the same term as inside ``nas.ops.linear_attention.LinearAttention.forward``; use a
-    functional form from ``nas.ops`` once it exposes one (weights passed in).
-    """
-    k = p.weight.shape[-1]
-    y = F.conv1d(v[:, num_prefix:].transpose(1, 2), p.weight, p.bias, padding=k // 2, groups=v.shape[-1])
-    return F.pad(y.transpose(1, 2), (0, 0, num_prefix, 0))
-
-
 def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
     """Stochastic depth on a residual branch ``[B, N, C]``: each sample's branch is dropped with
     probability ``rate`` and kept ones are scaled by ``1 / (1 - rate)`` (timm's ``drop_path``)."""
@@ -345,7 +334,8 @@ def cell_forward(
             linear(h, p.attn.qkv).view(b, n, 3, st.heads, d // st.heads).permute(2, 0, 3, 1, 4).unbind(0)
         )
         if st.attention == "linear":
-            y = merge_heads(relu_linear_attention(q, k, v, size)) + local_conv(merge_heads(v), p.attn.local)
+            local = local_term(merge_heads(v), p.attn.local.weight, p.attn.local.bias)
+            y = merge_heads(relu_linear_attention(q, k, v, size)) + local
         else:
             out, attn = attention(q, k, v, size, need_attn=plan.need_attn)
             y = merge_heads(out)
