@@ -161,8 +161,8 @@ def run(args) -> dict:
                     "gflops": full_gflops}  # fmt: skip
     half = half_flops_budget(ada, val, full_gflops / 2)
     for b in sorted({*BUDGETS, half}, reverse=True):
-        usage = adavit_schedule(b)["usage"]
-        model = adavit_patch.apply(copy.deepcopy(ada), adavit_schedule(b) if b < 1 else {"kind": "adavit", "usage": {}})
+        usage = adavit_schedule(b)["usage"]  # at 1: nothing decided, the unpatched computation
+        model = adavit_patch.apply(copy.deepcopy(ada), {"kind": "adavit", "usage": usage if b < 1 else {}})
         row = evaluate_at(model, val, usage) if b < 1 else None
         if row is None:
             row = {
