@@ -12,6 +12,12 @@ hits all alike), GFLOPs (fvcore, attention included), the FLOP ratio that bounds
 ToMe against the reference's on the same runtime, and (eager) the share of block time spent in
 matching/merging or EViT fusion.
 
+Each reduction also gets its token-count bound (`bound <variant>`): the unpatched model whose blocks
+keep their first tokens after attention, as many as the variant leaves there, with no matching,
+merging, fusion or size bookkeeping. Its speedup is the most any implementation of that schedule can
+reach with this runtime and machine, and `vs_bound` (bound time / variant time, 1.0: no overhead
+left) separates the cost of the reduction itself from that of running smaller matmuls.
+
     python benchmarks/token_ops.py                                   # full run (15-25 minutes)
     python benchmarks/token_ops.py --quick                           # a short smoke run
     python benchmarks/token_ops.py --reference-tome /tmp/ToMe        # with the reference ToMe
@@ -82,15 +88,59 @@ def load_reference(path: Path | None):
         raise SystemExit(f"--reference-tome {path}: cannot import tome ({one_line(err)})") from None
 
 
+class _SlicedBlock(torch.nn.Module):
+    """A timm block that keeps its first `keep` tokens between attention and MLP, where ToMe merges
+    and EViT fuses: the same token counts and matmuls as the reduction, without the reduction."""
+
+    def __init__(self, block: torch.nn.Module, keep: int) -> None:
+        super().__init__()
+        self.block, self.keep = block, keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.block
+        x = x + b.drop_path1(b.ls1(b.attn(b.norm1(x))))
+        x = x[:, : self.keep]
+        return x + b.drop_path2(b.ls2(b.mlp(b.norm2(x))))
+
+
+def block_token_counts(model: torch.nn.Module, probe: torch.Tensor) -> list[int]:
+    """Tokens each block of `model` hands on, for `probe`."""
+    counts = []
+    hooks = [
+        blk.register_forward_hook(lambda _m, _i, out: counts.append(out.shape[1])) for blk in model.blocks
+    ]
+    try:
+        with torch.inference_mode():
+            model(probe)
+    finally:
+        for h in hooks:
+            h.remove()
+    return counts
+
+
+def token_count_bound(base: torch.nn.Module, counts: list[int]) -> torch.nn.Module:
+    """A copy of `base` whose blocks hand on `counts` tokens by slicing (see `_SlicedBlock`)."""
+    model = copy.deepcopy(base)
+    model.blocks = torch.nn.Sequential(*(_SlicedBlock(b, k) for b, k in zip(model.blocks, counts)))
+    return model
+
+
 def build(tome) -> tuple[dict[str, torch.nn.Module], dict[str, object]]:
-    """The models and their schedules (`{"reference_tome_r": r}` for the reference's)."""
+    """The models and their schedules (`{"reference_tome_r": r}` for the reference's, `{"bound_of":
+    variant, "tokens": [...]}` for a token-count bound)."""
     torch.manual_seed(0)
     base = timm.create_model(MODEL, pretrained=False).eval()
+    probe = torch.zeros(1, 3, 224, 224)
     models, schedules = {}, {}
     for name, schedule in VARIANTS.items():
         model = copy.deepcopy(base)
         models[name] = model if schedule is None else timm_patch.apply(model, schedule)
         schedules[name] = schedule
+    for name, schedule in VARIANTS.items():
+        if schedule is not None:
+            counts = block_token_counts(models[name], probe)
+            models[f"bound {name}"] = token_count_bound(base, counts)
+            schedules[f"bound {name}"] = {"bound_of": name, "tokens": counts}
     if tome is not None:
         for r in REFERENCE_R:
             model = copy.deepcopy(base)
@@ -276,6 +326,7 @@ def run(args: argparse.Namespace) -> dict:
         },
         "method": "every (variant, runtime) interleaved in rotating order each round; speedup = per-round ratio "
         "to unpatched on the same runtime; vs_reference = per-round ratio reference/ours (>1: ours faster); "
+        "vs_bound = per-round ratio bound/variant (1: no reduction overhead); "
         "median and p10/p90 over rounds; eager under inference_mode; ONNX Runtime CPU provider and OpenVINO CPU "
         f"({THREADS} threads each) run one ONNX export per variant; random 224x224 inputs",
         "reference_tome": None if tome is None else str(args.reference_tome),
@@ -320,7 +371,10 @@ def run(args: argparse.Namespace) -> dict:
                     reference = _reference_of(name, tome)
                     if reference is not None and (reference, rt) in times:
                         row["vs_reference"] = spread([a / b for a, b in zip(times[reference, rt], own)])
-                    if rt == "eager" and schedules[name] is not None:
+                    bound = _bound_of(name, models)
+                    if bound is not None and (bound, rt) in times:
+                        row["vs_bound"] = spread([a / b for a, b in zip(times[bound, rt], own)])
+                    if rt == "eager" and _reduces(schedules[name]):
                         row["reduction_share_of_block_time"] = round(
                             reduction_share(
                                 models[name], images, args.share_forwards if batch == 1 else 3, tome
@@ -341,6 +395,17 @@ def _reference_of(name: str, tome) -> str | None:
     return f"reference {name}"
 
 
+def _bound_of(name: str, models: dict) -> str | None:
+    """The token-count bound of a variant (the reference ToMe's is ours at the same r)."""
+    bound = f"bound {name.removeprefix('reference ')}"
+    return bound if bound in models and bound != name else None
+
+
+def _reduces(schedule: object) -> bool:
+    """Whether a variant runs a token reduction whose share of block time can be measured."""
+    return isinstance(schedule, dict) and "bound_of" not in schedule
+
+
 def print_table(batch: int, rows: dict, variants: dict) -> None:
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     print(
@@ -348,7 +413,8 @@ def print_table(batch: int, rows: dict, variants: dict) -> None:
     )
     head = (
         f"{'variant':<22}{'runtime':<13}{'GFLOPs':>7}{'tokens':>7}{'img/s (p10-p90)':>23}"
-        f"{'speedup (p10-p90)':>22}{'FLOP ratio':>11}{'sp/FLOP':>8}{'vs ref (p10-p90)':>21}{'reduce %':>9}"
+        f"{'speedup (p10-p90)':>22}{'FLOP ratio':>11}{'sp/FLOP':>8}{'vs ref (p10-p90)':>21}{'vs bound':>9}"
+        f"{'reduce %':>9}"
     )
     print(head)
     print("-" * len(head))
@@ -359,7 +425,7 @@ def print_table(batch: int, rows: dict, variants: dict) -> None:
             if "error" in r:
                 print(f"{lead}  {r['error'][:110]}")
                 continue
-            ips, sp, vs = r["images_per_s"], r.get("speedup"), r.get("vs_reference")
+            ips, sp, vs, vb = r["images_per_s"], r.get("speedup"), r.get("vs_reference"), r.get("vs_bound")
             share = r.get("reduction_share_of_block_time")
             cells = [
                 f"{ips['median']:.1f} ({ips['p10']:.1f}-{ips['p90']:.1f})".rjust(23),
@@ -367,6 +433,7 @@ def print_table(batch: int, rows: dict, variants: dict) -> None:
                 f"{info['flop_ratio']:.2f}x".rjust(11),
                 (f"{r['speedup_over_flop_ratio']:.2f}" if sp else "").rjust(8),
                 (f"{vs['median']:.2f}x ({vs['p10']:.2f}-{vs['p90']:.2f})" if vs else "").rjust(21),
+                (f"{vb['median']:.2f}" if vb else "").rjust(9),
                 ("" if share is None else f"{100 * share:.1f}").rjust(9),
             ]
             print(lead + "".join(cells))

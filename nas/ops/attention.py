@@ -11,10 +11,19 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nas.ops.small_work import serial
+
 
 def size_bias(size: Tensor | None) -> Tensor | None:
-    """`log(size)` shaped `[B, 1, 1, N]` to add to attention logits over keys (None: no bias)."""
-    return None if size is None else size.log().reshape(size.shape[0], 1, 1, size.shape[1])
+    """`log(size)` shaped `[B, 1, 1, N]` to add to attention logits over keys (None: no bias).
+
+    On one thread when small: `log` of a few hundred sizes is otherwise a parallel math-library
+    call that pays a thread wake-up (about 0.1 ms on 2 cores with passive waiting) for no work.
+    """
+    if size is None:
+        return None
+    with serial(size.numel()):
+        return size.log().reshape(size.shape[0], 1, 1, size.shape[1])
 
 
 def attention(
