@@ -36,8 +36,12 @@ TARGETS = {  # campaign -> (target, budget ms, (ms per GFLOP, ms per cell), arch
 }
 
 
-def synthetic_metrics(arch: ArchConfig, ms_per_gflop: float, ms_per_cell: float) -> dict[str, float]:
-    """Params and FLOPs counted from the shapes, latency from both, accuracy growing with size."""
+def _sizes(arch) -> tuple[float, float, int]:
+    """Params, GFLOPs and cells run: counted from a psvit member's shapes; for an adaptive member,
+    DeiT-Tiny's scaled by its budgets (an unset budget keeps everything)."""
+    if not hasattr(arch, "stages"):
+        use = {kind: arch.usage.get(kind, 1.0) for kind in ("patch", "head", "block")}
+        return 5.7e6, 1.26 * use["patch"] * use["head"] * use["block"], round(12 * use["block"])
     params = gflops = 0.0
     cells = 0
     for st in arch.stages:
@@ -49,6 +53,14 @@ def synthetic_metrics(arch: ArchConfig, ms_per_gflop: float, ms_per_cell: float)
             params += weights
             gflops += 2 * (n * weights + 2 * n * n * st.dim) / 1e9
             cells, n = cells + 1, after
+    return params, gflops, cells
+
+
+def synthetic_metrics(arch, ms_per_gflop: float, ms_per_cell: float) -> dict[str, float]:
+    """Latency from the sizes, accuracy growing with them (and, for an adaptive member, with its FLOPs)."""
+    params, gflops, cells = _sizes(arch)
+    if not hasattr(arch, "stages"):
+        params *= gflops / 1.26
     noise = int(hashlib.sha256(arch.arch_hash().encode()).hexdigest()[:4], 16) / 0xFFFF
     latency = 0.2 + ms_per_gflop * gflops + ms_per_cell * cells
     return {
@@ -63,13 +75,13 @@ def synthetic_metrics(arch: ArchConfig, ms_per_gflop: float, ms_per_cell: float)
 
 def fill_campaign(uri: str, name: str, target: str, budget: float, profile: tuple[float, float], seeds: range,
                   run_name: str | None = None, failed: bool = True,
-                  without: tuple[str, ...] = ()) -> Campaign:  # fmt: skip
+                  without: tuple[str, ...] = (), space_name: str = "psvit-digits") -> Campaign:  # fmt: skip
     """A finished campaign, trial i on ``space.sample(seeds[i])`` (plus one failed trial), its front tagged;
     the metrics named in ``without`` are not logged."""
-    space = load_space("psvit-digits")
+    space = load_space(space_name)
     campaign = Campaign(uri, name)
     campaign.start_or_resume(
-        params={"space": "psvit-digits", "target": target, "trials": len(seeds), "latency_budget_ms": budget},
+        params={"space": space_name, "target": target, "trials": len(seeds), "latency_budget_ms": budget},
         tags={"target": target},
     )
     for n, seed in enumerate(seeds):
@@ -244,3 +256,9 @@ def targets() -> dict[str, tuple]:
 @pytest.fixture(scope="session")
 def truth(store_uri) -> StoreTruth:
     return StoreTruth(store_uri)
+
+
+@pytest.fixture(scope="session")
+def truth_of():
+    """``StoreTruth``, for tests that fill a store of their own."""
+    return StoreTruth

@@ -1,9 +1,10 @@
 """The dashboard in headless Chromium: started by ``vitnas dashboard`` on a real store, the plot and
-front checked against MLflow, a point clicked, the budget slider moved, a screenshot saved; and names
-holding markup shown as text."""
+front checked against MLflow, a point clicked, the budget slider moved, a screenshot saved; names
+holding markup shown as text; and an adaptive (AdaViT budgets) campaign's front and members."""
 
 from __future__ import annotations
 
+import json
 import shlex
 from urllib.parse import quote
 
@@ -197,3 +198,27 @@ def test_no_colour_bar_without_gflops(browser, xss_app_url, xss_store_uri):
     assert browser.execute_script("return document.getElementById('plot').data[0].marker.showscale") is False
     assert not browser.find_elements(By.CSS_SELECTOR, "#plot .colorbar")
     assert page_problems(browser, xss_app_url) == []
+
+
+def test_an_adaptive_campaign_shows_its_front_and_budgets(browser, sqlite_tracking_uri, fill, app_for, truth_of):
+    """Members of ``adavit-deit`` (a timm model and its usage budgets) plot and draw like any other."""
+    campaign = fill(sqlite_tracking_uri, "budgets", "cpu:threads=1,batch=1", 1.0, (0.8, 0.02), range(10),
+                    space_name="adavit-deit")  # fmt: skip
+    truth = truth_of(sqlite_tracking_uri)
+    runs = {r.info.run_id: r for r in truth.finished("budgets")}
+    front = truth.tagged("budgets", "pareto")
+    assert 0 < len(front) < len(runs)
+    browser.get_log("browser")
+    with app_for(sqlite_tracking_uri) as url:
+        open_page(browser, f"{url}/campaigns/{campaign.experiment_id}/budgets")
+        assert trace(browser, "plot", TRIALS)["ids"] == list(runs)
+        shown = trace(browser, "plot", FRONT)
+        assert set(shown["ids"]) == front and shown["x"] == sorted(shown["x"])
+        for i in range(len(front)):
+            click_point(browser, "plot", FRONT, i)
+            run_id = browser.find_element(By.ID, "panel").get_attribute("data-run-id")
+            arch = truth.arch(run_id)
+            drawn = browser.find_element(By.ID, "arch")
+            assert f"timm {arch.model} · {arch.image_size} px" in drawn.text
+            assert json.loads(drawn.find_element(By.TAG_NAME, "pre").text) == arch.schedule
+        assert page_problems(browser, url) == []
