@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from nas.arch import ArchConfig
+from nas.arch import AdaptiveArch, ArchConfig
 from nas.space import load_space
 from nas.tracking import Campaign, default_tracking_uri
 
@@ -36,12 +36,13 @@ TARGETS = {  # campaign -> (target, budget ms, (ms per GFLOP, ms per cell), arch
 }
 
 
-def _sizes(arch) -> tuple[float, float, int]:
-    """Params, GFLOPs and cells run: counted from a psvit member's shapes; for an adaptive member,
-    DeiT-Tiny's scaled by its budgets (an unset budget keeps everything)."""
-    if not hasattr(arch, "stages"):
+def _sizes(arch: ArchConfig | AdaptiveArch) -> tuple[float, float, int]:
+    """Params, GFLOPs and cells an image runs through: counted from a psvit member's shapes; for an
+    adaptive member, DeiT-Tiny's (5.7 M, 1.26 G, 12) scaled by its budgets (unset: all kept)."""
+    if isinstance(arch, AdaptiveArch):
         use = {kind: arch.usage.get(kind, 1.0) for kind in ("patch", "head", "block")}
-        return 5.7e6, 1.26 * use["patch"] * use["head"] * use["block"], round(12 * use["block"])
+        kept = use["patch"] * use["head"] * use["block"]
+        return 5.7e6 * kept, 1.26 * kept, round(12 * use["block"])
     params = gflops = 0.0
     cells = 0
     for st in arch.stages:
@@ -56,11 +57,9 @@ def _sizes(arch) -> tuple[float, float, int]:
     return params, gflops, cells
 
 
-def synthetic_metrics(arch, ms_per_gflop: float, ms_per_cell: float) -> dict[str, float]:
-    """Latency from the sizes, accuracy growing with them (and, for an adaptive member, with its FLOPs)."""
+def synthetic_metrics(arch: ArchConfig | AdaptiveArch, ms_per_gflop: float, ms_per_cell: float) -> dict[str, float]:
+    """Latency from the sizes, accuracy growing with them."""
     params, gflops, cells = _sizes(arch)
-    if not hasattr(arch, "stages"):
-        params *= gflops / 1.26
     noise = int(hashlib.sha256(arch.arch_hash().encode()).hexdigest()[:4], 16) / 0xFFFF
     latency = 0.2 + ms_per_gflop * gflops + ms_per_cell * cells
     return {
@@ -223,7 +222,7 @@ class StoreTruth:
     def tagged(self, campaign: str, tag: str) -> set[str]:
         return {r.info.run_id for r in self.finished(campaign) if r.data.tags.get(tag) == "true"}
 
-    def arch(self, run_id: str) -> ArchConfig:
+    def arch(self, run_id: str) -> ArchConfig | AdaptiveArch:
         from nas.arch import arch_from_text
 
         with tempfile.TemporaryDirectory() as tmp:
