@@ -43,12 +43,13 @@ def serial(work: int) -> AbstractContextManager:
     wait: a futex wake and a reschedule per op; on a busy machine far more), which costs more than
     a 99 x 98 matmul or a top-k over 99 values. Switching costs ~0.2 µs; the count is restored on
     exit, errors included. Nothing changes under `torch.compile`/`torch.export` (no side effects
-    in a graph), when the work is large, or when torch already runs on one thread.
+    in a graph), under `torch.fx` symbolic tracing (`work` is then a symbol, not an int), when the
+    work is large, or when torch already runs on one thread.
 
     `torch.set_num_threads` sets OpenMP's and MKL's thread counts of the calling thread (other
     threads keep theirs, though one that starts torch's thread pool in that window would read 1).
     """
-    if torch.compiler.is_compiling() or work >= SERIAL_BELOW:
+    if torch.compiler.is_compiling() or not isinstance(work, int) or work >= SERIAL_BELOW:
         return _UNCHANGED
     threads = torch.get_num_threads()
     return _UNCHANGED if threads == 1 else _OneThread(threads)
