@@ -161,14 +161,14 @@ def run(args) -> dict:
                     "gflops": full_gflops}  # fmt: skip
     half = half_flops_budget(ada, val, full_gflops / 2)
     for b in sorted({*BUDGETS, half}, reverse=True):
-        usage = adavit_schedule(b)["usage"]  # at 1: nothing decided, the unpatched computation
-        model = adavit_patch.apply(copy.deepcopy(ada), {"kind": "adavit", "usage": usage if b < 1 else {}})
-        row = evaluate_at(model, val, usage) if b < 1 else None
-        if row is None:
-            row = {
-                "accuracy": classification_accuracy(model, val)["accuracy"],
-                "gflops": flops(model, probe) / 1e9,
-            }
+        decisions = adavit_schedule(b)
+        usage = decisions["usage"]
+        if b < 1:
+            model = adavit_patch.apply(copy.deepcopy(ada), decisions)
+            row = evaluate_at(model, val, usage)
+        else:  # nothing decided: the unpatched computation
+            model = adavit_patch.apply(copy.deepcopy(ada), {**decisions, "usage": {}})
+            row = {"accuracy": classification_accuracy(model, val)["accuracy"], "gflops": flops(model, probe) / 1e9}
         per_image = model.sample_flops(val.tensors[0]).double() / 1e9
         name = f"adavit {b:g}"
         models[name] = model
